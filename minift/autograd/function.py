@@ -1,0 +1,155 @@
+"""``Function``: one differentiable operation, its forward and its backward side by side.
+
+Reverse-mode autograd in one paragraph. Every op records, on its output tensor, *which*
+Function made it, *from which* input tensors, and whatever the backward formula will need (its
+``ctx``). ``loss.backward()`` walks that record from the loss back to the leaves. At each node it
+calls ``backward(ctx, dL/d(output))`` which returns ``dL/d(input)`` for each input — the chain
+rule, one op at a time.
+
+Two rules make "frozen" mean frozen (lecture 000: ``requires_grad = False`` means *no gradient
+computation*):
+
+* an output records its history only if some input requires a gradient, so a graph is never
+  built through parts of the model that nobody trains;
+* ``ctx.needs_input_grad[i]`` tells ``backward`` which input gradients are wanted, and every
+  backward formula skips the work for the others (a frozen ``W`` in ``x @ W`` costs no ``dW``
+  matmul).
+
+An op is written like this (the whole of ``exp``)::
+
+    class Exp(Function):
+        @staticmethod
+        def forward(ctx, x):
+            y = xp.exp(x)
+            ctx.save_for_backward(y)          # Saves: y (the output, reused)
+            return y
+
+        @staticmethod
+        def backward(ctx, grad):
+            (y,) = ctx.saved                   # d exp(x)/dx = exp(x)
+            return (grad * y,)
+
+``forward`` receives raw arrays (never Tensors); keyword arguments are non-differentiable
+settings (axis, shape, eps ...). ``backward`` returns one gradient (or None) per positional
+input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+
+_grad_enabled = True
+
+#: How many times each counted kernel ran (forward and backward). Tests use it to prove that a
+#: frozen weight's gradient matmul was skipped, not merely thrown away.
+op_counts: Counter = Counter()
+
+
+def is_grad_enabled() -> bool:
+    return _grad_enabled
+
+
+@contextlib.contextmanager
+def no_grad():
+    """Run ops without recording a graph (inference, evaluation, optimizer updates)."""
+    global _grad_enabled
+    previous, _grad_enabled = _grad_enabled, False
+    try:
+        yield
+    finally:
+        _grad_enabled = previous
+
+
+@contextlib.contextmanager
+def enable_grad():
+    """Undo an enclosing ``no_grad`` for a block."""
+    global _grad_enabled
+    previous, _grad_enabled = _grad_enabled, True
+    try:
+        yield
+    finally:
+        _grad_enabled = previous
+
+
+class GraphFreedError(RuntimeError):
+    """backward() reached a node whose saved arrays were already released."""
+
+
+class Context:
+    """What an op keeps between its forward and its backward.
+
+    ``saved`` holds the arrays the backward formula needs; the engine drops them right after
+    the node's backward runs, so memory for activations is released as the walk proceeds.
+    """
+
+    __slots__ = ("needs_input_grad", "saved", "freed", "__dict__")
+
+    def __init__(self, needs_input_grad: tuple[bool, ...]):
+        self.needs_input_grad = needs_input_grad
+        self.saved: tuple = ()
+        self.freed = False
+
+    def save_for_backward(self, *arrays) -> None:
+        self.saved = arrays
+
+    def release(self) -> None:
+        self.saved = ()
+        self.__dict__.clear()
+        self.freed = True
+
+
+class Function:
+    """Base class of every differentiable op; see the module docstring for the pattern."""
+
+    @staticmethod
+    def forward(ctx: Context, *arrays, **settings):
+        raise NotImplementedError
+
+    @staticmethod
+    def backward(ctx: Context, grad):
+        raise NotImplementedError
+
+    @classmethod
+    def apply(cls, *inputs, **settings):
+        """Run ``forward`` on the inputs' arrays and, if needed, record the node for backward."""
+        from minift.autograd.tensor import Tensor, as_tensor  # noqa: PLC0415 - import cycle
+
+        tensors = tuple(as_tensor(x) for x in inputs)
+        needs = tuple(t.requires_grad for t in tensors)
+        record = _grad_enabled and any(needs)
+        ctx = Context(needs)
+        out = cls.forward(ctx, *(t.data for t in tensors), **settings)
+        if not record:
+            return Tensor(out)
+        result = Tensor(out, requires_grad=True)
+        result._node = Node(cls, ctx, tensors)
+        return result
+
+
+class Node:
+    """An edge record in the graph: the Function, its saved context, and its input tensors."""
+
+    __slots__ = ("function", "ctx", "inputs")
+
+    def __init__(self, function: type[Function], ctx: Context, inputs: tuple):
+        self.function = function
+        self.ctx = ctx
+        self.inputs = inputs
+
+    def run_backward(self, grad):
+        if self.ctx.freed:
+            raise GraphFreedError(
+                f"backward through {self.function.__name__} a second time: its saved arrays were "
+                "freed after the first backward. Call backward(retain_graph=True) the first time "
+                "if you need to go through the same graph twice."
+            )
+        grads = self.function.backward(self.ctx, grad)
+        if not isinstance(grads, tuple):
+            grads = (grads,)
+        if len(grads) != len(self.inputs):
+            raise RuntimeError(
+                f"{self.function.__name__}.backward returned {len(grads)} gradients "
+                f"for {len(self.inputs)} inputs"
+            )
+        return grads

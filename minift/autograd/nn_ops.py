@@ -1,0 +1,308 @@
+"""The fused ops of a transformer: softmax, losses, norms, activations, dropout, embedding, RoPE.
+
+"Fused" means one Function computes what would otherwise be a chain of small ops, with a
+closed-form backward. That is both faster (fewer temporaries) and easier to read next to the
+math than a graph of ten primitive nodes. Each formula is checked against finite differences in
+tests/autograd/test_gradcheck.py.
+
+Shapes: ``N`` rows, ``D`` features (the last axis), ``V`` vocabulary size.
+"""
+
+from __future__ import annotations
+
+import math
+
+from minift.autograd.elementwise import ShapeError
+from minift.autograd.function import Function
+from minift.backend import xp
+
+
+def _logsumexp(x, axis=-1):
+    """log(sum(exp(x))) computed as m + log(sum(exp(x - m))) with m = max(x): no overflow."""
+    m = xp.max(x, axis=axis, keepdims=True)
+    return m + xp.log(xp.sum(xp.exp(x - m), axis=axis, keepdims=True))
+
+
+class Softmax(Function):
+    """y_i = exp(x_i) / sum_j exp(x_j) along ``axis``.
+
+    dx = y * (g - sum(g * y)) — the Jacobian diag(y) - y y^T applied to g. Saves: y.
+    """
+
+    @staticmethod
+    def forward(ctx, x, *, axis=-1):
+        y = xp.exp(x - _logsumexp(x, axis))
+        ctx.save_for_backward(y)
+        ctx.axis = axis
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved
+        return (y * (g - xp.sum(g * y, axis=ctx.axis, keepdims=True)),)
+
+
+class LogSoftmax(Function):
+    """y = x - logsumexp(x) along ``axis``.  dx = g - softmax(x) * sum(g).  Saves: y."""
+
+    @staticmethod
+    def forward(ctx, x, *, axis=-1):
+        y = x - _logsumexp(x, axis)
+        ctx.save_for_backward(y)
+        ctx.axis = axis
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved
+        return (g - xp.exp(y) * xp.sum(g, axis=ctx.axis, keepdims=True),)
+
+
+class CrossEntropy(Function):
+    """Mean next-token loss over the counted rows: L = mean_n [logsumexp(z_n) - z_n[t_n]].
+
+    ``logits`` is (N, V), ``targets`` (N,) integers. Rows whose target equals ``ignore_index``
+    (prompt tokens in instruction tuning, padding) count for nothing — neither in the sum nor in
+    the mean's denominator. Fused and stable: logsumexp subtracts the row max first.
+
+        dz_n = (softmax(z_n) - onehot(t_n)) * g / n_counted   for counted rows, 0 otherwise
+
+    Saves: the softmax probabilities (N x V, turned into dz in place during backward), the
+    targets, and the count. If every row is ignored the loss is 0 with a zero gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, *, targets, ignore_index=-100):
+        if logits.ndim != 2 or targets.shape != logits.shape[:1]:
+            raise ShapeError(
+                f"cross_entropy: logits must be (N, V) and targets (N,); got logits "
+                f"{logits.shape} and targets {targets.shape}"
+            )
+        counted = targets != ignore_index
+        safe_targets = xp.where(counted, targets, 0)
+        if int(xp.max(safe_targets, initial=0)) >= logits.shape[1] or int(xp.min(safe_targets, initial=0)) < 0:
+            raise ValueError(f"cross_entropy: a target is outside the vocabulary [0, {logits.shape[1]})")
+        lse = _logsumexp(logits, axis=1)[:, 0]
+        rows = xp.arange(logits.shape[0])
+        per_row = (lse - logits[rows, safe_targets]) * counted
+        n_counted = int(counted.sum())
+        probs = xp.exp(logits - lse[:, None])
+        ctx.save_for_backward(probs, safe_targets, counted)
+        ctx.n_counted = n_counted
+        return xp.asarray(per_row.sum() / max(n_counted, 1), dtype=logits.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        probs, targets, counted = ctx.saved
+        dz = probs  # reuse the saved buffer: the graph frees it right after this call
+        dz[xp.arange(dz.shape[0]), targets] -= 1
+        dz *= (counted * (g / max(ctx.n_counted, 1)))[:, None].astype(dz.dtype)
+        return (dz,)
+
+
+class RMSNorm(Function):
+    """y = x / rms(x) * w, with rms(x) = sqrt(mean(x^2) + eps) over the last axis (Llama's norm).
+
+    With r = 1/rms(x), xh = x r and dxh = g w:
+        dw = sum over rows of g * xh
+        dx = r * (dxh - xh * mean(dxh * xh))
+    Saves: x and r (one number per row); xh is recomputed.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, *, eps):
+        if weight.shape != x.shape[-1:]:
+            raise ShapeError(f"rms_norm: weight {weight.shape} does not fit input {x.shape}")
+        r = 1 / xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + eps)
+        ctx.save_for_backward(x, r, weight)
+        return x * r * weight
+
+    @staticmethod
+    def backward(ctx, g):
+        x, r, weight = ctx.saved
+        xh = x * r
+        dw = (g * xh).reshape(-1, x.shape[-1]).sum(axis=0) if ctx.needs_input_grad[1] else None
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dxh = g * weight
+            dx = r * (dxh - xh * xp.mean(dxh * xh, axis=-1, keepdims=True))
+        return dx, dw
+
+
+class LayerNorm(Function):
+    """y = (x - mean) / sqrt(var + eps) * w + b over the last axis.
+
+    With s = 1/sqrt(var + eps), xh = (x - mean) s and dxh = g w:
+        dw = sum of g * xh,  db = sum of g  (over rows)
+        dx = s * (dxh - mean(dxh) - xh * mean(dxh * xh))
+    Saves: xh and s.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, *, eps):
+        if weight.shape != x.shape[-1:] or bias.shape != x.shape[-1:]:
+            raise ShapeError(f"layer_norm: weight {weight.shape} / bias {bias.shape} vs input {x.shape}")
+        mu = xp.mean(x, axis=-1, keepdims=True)
+        s = 1 / xp.sqrt(xp.var(x, axis=-1, keepdims=True) + eps)
+        xh = (x - mu) * s
+        ctx.save_for_backward(xh, s, weight)
+        return xh * weight + bias
+
+    @staticmethod
+    def backward(ctx, g):
+        xh, s, weight = ctx.saved
+        rows = (-1, xh.shape[-1])
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dxh = g * weight
+            dx = s * (dxh - dxh.mean(axis=-1, keepdims=True) - xh * (dxh * xh).mean(axis=-1, keepdims=True))
+        if ctx.needs_input_grad[1]:
+            dw = (g * xh).reshape(rows).sum(axis=0)
+        if ctx.needs_input_grad[2]:
+            db = g.reshape(rows).sum(axis=0)
+        return dx, dw, db
+
+
+class SiLU(Function):
+    """y = x * sigmoid(x) (a.k.a. swish; the gate of SwiGLU).
+
+    dx = g * s * (1 + x (1 - s)), s = sigmoid(x). Saves: x.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x / (1 + xp.exp(-x))
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved
+        s = 1 / (1 + xp.exp(-x))
+        return (g * s * (1 + x * (1 - s)),)
+
+
+_SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
+
+
+def _erf(x):
+    """erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7): NumPy has no erf of its own."""
+    sign = xp.sign(x)
+    a = xp.abs(x)
+    t = 1 / (1 + 0.3275911 * a)
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    return sign * (1 - poly * xp.exp(-a * a))
+
+
+class GELU(Function):
+    """y = x * Phi(x), Phi the standard normal CDF (GPT-2/BERT's activation).
+
+    approximate="tanh": Phi(x) ~ (1 + tanh(c (x + 0.044715 x^3))) / 2, c = sqrt(2/pi).
+    approximate="none": Phi(x) = (1 + erf(x / sqrt 2)) / 2;  dx = g (Phi(x) + x phi(x)).
+    Saves: x.
+    """
+
+    @staticmethod
+    def forward(ctx, x, *, approximate="tanh"):
+        ctx.save_for_backward(x)
+        ctx.approximate = approximate
+        if approximate == "tanh":
+            return 0.5 * x * (1 + xp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x**3)))
+        return 0.5 * x * (1 + _erf(x / math.sqrt(2)))
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved
+        if ctx.approximate == "tanh":
+            th = xp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x**3))
+            d_inner = _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x**2)
+            return (g * (0.5 * (1 + th) + 0.5 * x * (1 - th**2) * d_inner),)
+        cdf = 0.5 * (1 + _erf(x / math.sqrt(2)))
+        pdf = xp.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+        return (g * (cdf + x * pdf),)
+
+
+class Dropout(Function):
+    """y = x * m / (1 - p), m ~ Bernoulli(1 - p) drawn from ``rng`` (so runs are reproducible).
+
+    Dividing by 1 - p keeps E[y] = x, so nothing changes at eval time when dropout is off.
+    dx = g * m / (1 - p). Saves: the mask m (booleans).
+    """
+
+    @staticmethod
+    def forward(ctx, x, *, p, rng):
+        keep = rng.random(x.shape) >= p
+        ctx.save_for_backward(keep)
+        ctx.scale = 1 / (1 - p)
+        return x * keep * xp.asarray(ctx.scale, dtype=x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        (keep,) = ctx.saved
+        return (g * keep * xp.asarray(ctx.scale, dtype=g.dtype),)
+
+
+class Embedding(Function):
+    """y = W[ids]: one row of the (V, D) table per token id.
+
+    dW is zero except at the rows that were looked up; a token that appears k times adds k
+    gradients into its row — a scatter-add (``add.at``), not an assignment.
+    Saves: the ids and the table's shape.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, *, ids):
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= weight.shape[0]):
+            raise IndexError(f"embedding: token ids must lie in [0, {weight.shape[0]}), got "
+                             f"[{int(ids.min())}, {int(ids.max())}]")
+        ctx.save_for_backward(ids)
+        ctx.w_shape, ctx.w_dtype = weight.shape, weight.dtype
+        return weight[ids]
+
+    @staticmethod
+    def backward(ctx, g):
+        (ids,) = ctx.saved
+        dw = xp.zeros(ctx.w_shape, dtype=ctx.w_dtype)
+        xp.add.at(dw, ids.reshape(-1), g.reshape(-1, ctx.w_shape[1]))
+        return (dw,)
+
+
+def rotate_half(x):
+    """[x1, x2] -> [-x2, x1] on the last axis: multiplying pairs (x1_i, x2_i) by i."""
+    half = x.shape[-1] // 2
+    return xp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def rotate_half_transposed(g):
+    """The transpose of ``rotate_half`` as a linear map: [g1, g2] -> [g2, -g1]."""
+    half = g.shape[-1] // 2
+    return xp.concatenate([g[..., half:], -g[..., :half]], axis=-1)
+
+
+class RoPE(Function):
+    """Rotary position embedding (Su et al. 2021), Hugging Face's "rotate half" layout.
+
+    Feature i of a head is paired with feature i + d/2; the pair is rotated by the angle
+    pos * theta^(-2i/d):   y = x cos + rotate_half(x) sin.
+    A rotation's inverse is its transpose, so  dx = g cos + rotate_half^T(g sin).
+    ``cos`` and ``sin`` are (T, d) tables from ``rope_tables``. Saves: cos and sin (constants).
+    """
+
+    @staticmethod
+    def forward(ctx, x, *, cos, sin):
+        if cos.shape != x.shape[-2:]:
+            raise ShapeError(f"rope: tables {cos.shape} do not fit (..., T, head_dim) = {x.shape}")
+        ctx.save_for_backward(cos, sin)
+        return x * cos + rotate_half(x) * sin
+
+    @staticmethod
+    def backward(ctx, g):
+        cos, sin = ctx.saved
+        return (g * cos + rotate_half_transposed(g * sin),)
+
+
+def rope_tables(positions, head_dim: int, theta: float = 10000.0, dtype="float32"):
+    """cos and sin tables (T, head_dim) for the given integer positions."""
+    inv_freq = 1.0 / (theta ** (xp.arange(0, head_dim, 2, dtype=xp.float64) / head_dim))
+    angles = xp.asarray(positions, dtype=xp.float64)[:, None] * inv_freq[None, :]
+    angles = xp.concatenate([angles, angles], axis=-1)
+    return xp.cos(angles).astype(dtype), xp.sin(angles).astype(dtype)

@@ -1,0 +1,169 @@
+"""``Tensor``: an array of the active backend plus what reverse-mode autograd needs.
+
+A Tensor wraps ``data`` (a ``numpy.ndarray`` or ``cupy.ndarray``). A *leaf* tensor is one you
+made yourself (a weight, an input); if ``requires_grad`` is True, ``backward()`` leaves
+``dL/dleaf`` in its ``.grad``. A tensor made by an op remembers its ``_node`` (the op and its
+inputs) so the chain rule can be walked backwards.
+
+Gradients *accumulate*: a second ``backward()`` adds to ``.grad`` instead of replacing it (this
+is what makes gradient accumulation over micro-batches work). Clear them with the optimizer's
+``zero_grad()`` between steps — forgetting to is the classic bug.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy
+
+from minift.autograd.function import Node
+from minift.backend import asarray, to_numpy, xp
+
+DEFAULT_DTYPE = numpy.float32
+
+
+class Tensor:
+    __slots__ = ("data", "grad", "requires_grad", "_node", "name", "__weakref__")
+    __array_priority__ = 1000  # so `ndarray * Tensor` calls Tensor.__rmul__
+
+    def __init__(self, data, requires_grad: bool = False, dtype=None, name: str | None = None):
+        if isinstance(data, Tensor):
+            data = data.data
+        if dtype is None and isinstance(data, (numbers.Number, list, tuple)):
+            dtype = DEFAULT_DTYPE
+        self.data = asarray(data, dtype=dtype)
+        if requires_grad and not xp.issubdtype(self.data.dtype, xp.floating):
+            raise TypeError(f"only floating-point tensors can require gradients, got {self.dtype}")
+        self.requires_grad = requires_grad
+        self.grad = None
+        self._node: Node | None = None
+        self.name = name
+
+    # ---- plain array facts -------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.data.shape
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.data.ndim
+
+    @property
+    def size(self) -> int:
+        return self.data.size
+
+    @property
+    def is_leaf(self) -> bool:
+        return self._node is None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        grad = ", requires_grad=True" if self.requires_grad else ""
+        return f"Tensor(shape={self.shape}, dtype={self.dtype}{grad})"
+
+    def numpy(self) -> numpy.ndarray:
+        """The values as a NumPy array (a copy off the GPU under CuPy)."""
+        return to_numpy(self.data)
+
+    def item(self) -> float:
+        return self.data.item()
+
+    def detach(self) -> Tensor:
+        """Same values, cut from the graph (no gradient flows through the result)."""
+        return Tensor(self.data)
+
+    def requires_grad_(self, flag: bool = True) -> Tensor:
+        if not self.is_leaf:
+            raise RuntimeError("requires_grad can only be changed on a leaf tensor")
+        self.requires_grad = flag
+        if not flag:
+            self.grad = None
+        return self
+
+    # ---- the backward walk -------------------------------------------------------------
+    def backward(self, grad=None, retain_graph: bool = False) -> None:
+        """Compute d(self)/d(leaf) for every leaf that requires a gradient; add it to ``.grad``.
+
+        ``grad`` is dL/d(self); it may be omitted only when ``self`` holds a single number
+        (a loss). The graph's saved arrays are released as the walk goes, unless
+        ``retain_graph`` — so a second backward through the same graph is an error.
+        """
+        if not self.requires_grad:
+            raise RuntimeError(
+                "backward() on a tensor that does not require grad: no parameter of the "
+                "expression has requires_grad=True (or it was computed under no_grad())"
+            )
+        if grad is None:
+            if self.size != 1:
+                raise RuntimeError(
+                    f"backward() on a non-scalar tensor of shape {self.shape} needs an explicit "
+                    "gradient: pass grad=dL/d(this tensor), or reduce it to a scalar first"
+                )
+            grad = xp.ones_like(self.data)
+        else:
+            grad = asarray(grad.data if isinstance(grad, Tensor) else grad, dtype=self.dtype)
+            if grad.shape != self.shape:
+                raise ValueError(f"backward(): grad shape {grad.shape} != tensor shape {self.shape}")
+
+        grads = {id(self): grad}
+        for tensor in _reverse_topological_order(self):
+            g = grads.pop(id(tensor), None)
+            if g is None:
+                continue
+            if tensor._node is None:
+                tensor.grad = g if tensor.grad is None else tensor.grad + g
+                continue
+            node = tensor._node
+            input_grads = node.run_backward(g)
+            if not retain_graph:
+                node.ctx.release()
+            for parent, parent_grad in zip(node.inputs, input_grads):
+                if parent_grad is None or not parent.requires_grad:
+                    continue
+                if parent_grad.shape != parent.shape:
+                    raise RuntimeError(
+                        f"{node.function.__name__}.backward gave a gradient of shape "
+                        f"{parent_grad.shape} for an input of shape {parent.shape}"
+                    )
+                key = id(parent)
+                grads[key] = parent_grad if key not in grads else grads[key] + parent_grad
+
+    # ---- operators (defined in ops modules, attached in minift/autograd/__init__.py) ---
+
+
+def _reverse_topological_order(root: Tensor) -> list[Tensor]:
+    """Tensors of the graph under ``root``, each before all of its inputs.
+
+    Iterative depth-first search: a 30-layer model's graph is thousands of nodes deep, far past
+    Python's recursion limit.
+    """
+    order, visited = [], set()
+    stack = [(root, False)]
+    while stack:
+        tensor, inputs_done = stack.pop()
+        if inputs_done:
+            order.append(tensor)
+            continue
+        if id(tensor) in visited:
+            continue
+        visited.add(id(tensor))
+        stack.append((tensor, True))
+        if tensor._node is not None:
+            for parent in tensor._node.inputs:
+                if parent.requires_grad and id(parent) not in visited:
+                    stack.append((parent, False))
+    order.reverse()
+    return order
+
+
+def as_tensor(value) -> Tensor:
+    """Wrap arrays and Python numbers as constant Tensors; pass Tensors through."""
+    if isinstance(value, Tensor):
+        return value
+    return Tensor(value)

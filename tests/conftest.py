@@ -1,0 +1,25 @@
+"""Shared fixtures: every test that takes ``backend`` runs once per backend present.
+
+NumPy always; CuPy only where CuPy imports and sees a GPU (minitorch's pattern). The fixture
+restores NumPy afterwards so tests never leak a backend into each other.
+"""
+
+import pytest
+
+from minift import backend as B
+
+AVAILABLE_BACKENDS = ["numpy"] + (["cupy"] if B.cupy_available() else [])
+
+
+@pytest.fixture(params=AVAILABLE_BACKENDS)
+def backend(request):
+    B.set_backend(request.param)
+    yield request.param
+    B.set_backend("numpy")
+
+
+@pytest.fixture(autouse=True)
+def _reset_numpy_backend():
+    yield
+    if B.get_backend() != "numpy":
+        B.set_backend("numpy")
