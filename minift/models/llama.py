@@ -1,0 +1,211 @@
+"""A Llama-style decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU, tied embeddings.
+
+The sub-module names follow the Hugging Face Llama layout (``model.layers.{i}.self_attn.q_proj``,
+``mlp.gate_proj``, ``input_layernorm``, ``model.norm``, ``lm_head``) so that a checkpoint's
+tensors and a PEFT adapter's keys map onto this model one to one. SmolLM2-135M is this
+architecture with dim 576, 30 layers, 9 query heads and 3 key/value heads.
+
+Legend: B batch, T tokens, C = dim, H query heads, Hkv key/value heads, hd head dim, V vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy
+
+import minift.functional as F
+from minift.autograd import Tensor
+from minift.backend import xp
+from minift.nn import Embedding, Linear, Module, ModuleList, RMSNorm
+
+
+@dataclass
+class LlamaConfig:
+    """Every number that fixes the architecture; checked on construction."""
+
+    vocab_size: int = 260
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    ffn_dim: int = 352
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {value!r}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"LlamaConfig: dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"LlamaConfig: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"LlamaConfig: head_dim {self.head_dim} must be even for RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, one preallocated buffer per layer.
+
+    Generation without a cache recomputes K and V of the whole prefix for every new token:
+    O(T^2) projections for T tokens. With it, each step projects only the new token and
+    appends it here. Used for inference only (no gradients flow through it).
+    """
+
+    def __init__(self, config: LlamaConfig, batch: int, max_len: int, dtype=numpy.float32):
+        shape = (batch, config.n_kv_heads, max_len, config.head_dim)
+        self.keys = [xp.zeros(shape, dtype=dtype) for _ in range(config.n_layers)]
+        self.values = [xp.zeros(shape, dtype=dtype) for _ in range(config.n_layers)]
+        self.length = 0
+        self.max_len = max_len
+
+    def append(self, layer: int, k, v):
+        """Store this layer's new (B, Hkv, T, hd) keys/values; return all keys/values so far."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache is full: {end} tokens > max_len {self.max_len}")
+        self.keys[layer][:, :, start:end] = k.data
+        self.values[layer][:, :, start:end] = v.data
+        return Tensor(self.keys[layer][:, :, :end]), Tensor(self.values[layer][:, :, :end])
+
+    def advance(self, n_tokens: int) -> None:
+        """Called once per forward pass, after every layer has appended its keys/values."""
+        self.length += n_tokens
+
+
+class LlamaAttention(Module):
+    """Multi-head causal self-attention with RoPE and grouped-query key/value heads."""
+
+    def __init__(self, config: LlamaConfig, rng: numpy.random.Generator):
+        super().__init__()
+        c, hd = config, config.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, hd
+        kw = {"bias": c.attention_bias, "std": c.init_std, "rng": rng}
+        self.q_proj = Linear(c.dim, c.n_heads * hd, **kw)
+        self.k_proj = Linear(c.dim, c.n_kv_heads * hd, **kw)
+        self.v_proj = Linear(c.dim, c.n_kv_heads * hd, **kw)
+        self.o_proj = Linear(c.n_heads * hd, c.dim, **kw)
+
+    def heads(self, x, n_heads):
+        """(B, T, n_heads * hd) -> (B, n_heads, T, hd)."""
+        b, t, _ = x.shape
+        return x.reshape(b, t, n_heads, self.head_dim).permute(0, 2, 1, 3)
+
+    def forward(self, x, cos, sin, layer: int, cache: KVCache | None = None, mask=None):
+        b, t, _ = x.shape
+        q = F.rope(self.heads(self.q_proj(x), self.n_heads), cos, sin)  # (B, H, T, hd)
+        k = F.rope(self.heads(self.k_proj(x), self.n_kv_heads), cos, sin)  # (B, Hkv, T, hd)
+        v = self.heads(self.v_proj(x), self.n_kv_heads)  # (B, Hkv, T, hd)
+        if cache is not None:
+            k, v = cache.append(layer, k, v)  # (B, Hkv, Tk, hd), Tk = tokens so far
+        o = F.scaled_dot_product_attention(q, k, v, causal=True, mask=mask)  # (B, H, T, hd)
+        return self.o_proj(o.permute(0, 2, 1, 3).reshape(b, t, self.n_heads * self.head_dim))
+
+
+class LlamaMLP(Module):
+    """SwiGLU feed-forward (Shazeer 2020): down( silu(gate(x)) * up(x) )."""
+
+    def __init__(self, config: LlamaConfig, rng: numpy.random.Generator):
+        super().__init__()
+        kw = {"bias": config.mlp_bias, "std": config.init_std, "rng": rng}
+        self.gate_proj = Linear(config.dim, config.ffn_dim, **kw)
+        self.up_proj = Linear(config.dim, config.ffn_dim, **kw)
+        self.down_proj = Linear(config.ffn_dim, config.dim, **kw)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaBlock(Module):
+    """Pre-norm residual block: x + attn(norm(x)), then h + mlp(norm(h))."""
+
+    def __init__(self, config: LlamaConfig, rng: numpy.random.Generator):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.self_attn = LlamaAttention(config, rng)
+        self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = LlamaMLP(config, rng)
+
+    def forward(self, x, cos, sin, layer: int, cache=None, mask=None):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, cache, mask)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(Module):
+    """Token embedding, the stack of blocks, and the final norm: ids -> hidden states (B, T, C)."""
+
+    def __init__(self, config: LlamaConfig, rng: numpy.random.Generator):
+        super().__init__()
+        self.embed_tokens = Embedding(config.vocab_size, config.dim, std=config.init_std, rng=rng)
+        self.layers = ModuleList(LlamaBlock(config, rng) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+
+    def forward(self, input_ids, cos, sin, cache=None, mask=None):
+        x = self.embed_tokens(input_ids)  # (B, T, C)
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, i, cache, mask)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(Module):
+    """The decoder plus its output head: token ids (B, T) -> next-token logits (B, T, V).
+
+    With ``tie_embeddings`` the head reuses the embedding matrix (logits = h E^T) and there is
+    no ``lm_head`` parameter, as in SmolLM2 and in Hugging Face checkpoints of tied models.
+    """
+
+    def __init__(self, config: LlamaConfig, seed: int = 0):
+        super().__init__()
+        self.config = config
+        rng = numpy.random.default_rng(seed)
+        self.model = LlamaModel(config, rng)
+        self.lm_head = None if config.tie_embeddings else Linear(config.dim, config.vocab_size,
+                                                                 std=config.init_std, rng=rng)
+
+    def rope_for(self, start: int, length: int, dtype):
+        return F.rope_tables(numpy.arange(start, start + length), self.config.head_dim,
+                             self.config.rope_theta, dtype=dtype)
+
+    def forward(self, input_ids, cache: KVCache | None = None, attention_mask=None,
+                last_only: bool = False):
+        """Logits for every position, or only for the last one (``last_only``, generation).
+
+        ``attention_mask`` (B, Tk), True for real tokens, hides padding keys; right-padded
+        training batches do not need it, since causal attention never looks ahead.
+        """
+        ids = xp.asarray(input_ids.data if isinstance(input_ids, Tensor) else input_ids)
+        if ids.ndim != 2:
+            raise ValueError(f"input_ids must be (batch, tokens), got shape {ids.shape}")
+        start = cache.length if cache is not None else 0
+        if start + ids.shape[1] > self.config.max_seq_len:
+            raise ValueError(f"sequence of {start + ids.shape[1]} tokens exceeds the context "
+                             f"length max_seq_len={self.config.max_seq_len}")
+        dtype = self.model.embed_tokens.weight.dtype
+        cos, sin = self.rope_for(start, ids.shape[1], dtype)
+        h = self.model(ids, cos, sin, cache, attention_mask)
+        if cache is not None:
+            cache.advance(ids.shape[1])
+        if last_only:
+            h = h[:, -1:]
+        head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(h, head)
+
+    def generate(self, input_ids, max_new_tokens: int, **sampling):
+        """Continue each row of ``input_ids``; see ``minift.models.generate.generate``."""
+        from minift.models.generate import generate  # noqa: PLC0415 - keeps this file model-only
+
+        return generate(self, input_ids, max_new_tokens, **sampling)
