@@ -71,7 +71,7 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, to
     rng = numpy.random.default_rng(seed)
     was_training = model.training
     model.eval()
-    cache = KVCache(model.config, ids.shape[0], total, model.model.embed_tokens.weight.dtype) if use_cache else None
+    cache = KVCache(model.config, ids.shape[0], total, model.dtype) if use_cache else None
     finished = numpy.zeros(ids.shape[0], dtype=bool)
     new_tokens = []
     pending = ids

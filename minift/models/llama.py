@@ -99,6 +99,7 @@ class LlamaAttention(Module):
         self.k_proj = Linear(c.dim, c.n_kv_heads * hd, **kw)
         self.v_proj = Linear(c.dim, c.n_kv_heads * hd, **kw)
         self.o_proj = Linear(c.n_heads * hd, c.dim, **kw)
+        self.prefix = None  # learned key/value prefix (prefix tuning, minift/peft/prefix.py)
 
     def heads(self, x, n_heads):
         """(B, T, n_heads * hd) -> (B, n_heads, T, hd)."""
@@ -112,6 +113,9 @@ class LlamaAttention(Module):
         v = self.heads(self.v_proj(x), self.n_kv_heads)  # (B, Hkv, T, hd)
         if cache is not None:
             k, v = cache.append(layer, k, v)  # (B, Hkv, Tk, hd), Tk = tokens so far
+        if self.prefix is not None:
+            k, v = self.prefix.prepend(k, v)  # (B, Hkv, P + Tk, hd)
+            mask = None if mask is None else self.prefix.extend_mask(mask)
         o = F.scaled_dot_product_attention(q, k, v, causal=True, mask=mask)  # (B, H, T, hd)
         return self.o_proj(o.permute(0, 2, 1, 3).reshape(b, t, self.n_heads * self.head_dim))
 
@@ -176,9 +180,29 @@ class LlamaForCausalLM(Module):
         self.lm_head = None if config.tie_embeddings else Linear(config.dim, config.vocab_size,
                                                                  std=config.init_std, rng=rng)
 
+    @property
+    def dtype(self):
+        """The float type of the weights (float32 by default, float64 for gradient checks)."""
+        return self.model.embed_tokens.weight.dtype
+
     def rope_for(self, start: int, length: int, dtype):
         return F.rope_tables(numpy.arange(start, start + length), self.config.head_dim,
                              self.config.rope_theta, dtype=dtype)
+
+    def hidden(self, input_ids, cache: KVCache | None = None, attention_mask=None):
+        """Final hidden states (B, T, C): the features a linear probe or a head reads."""
+        ids = xp.asarray(input_ids.data if isinstance(input_ids, Tensor) else input_ids)
+        if ids.ndim != 2:
+            raise ValueError(f"input_ids must be (batch, tokens), got shape {ids.shape}")
+        start = cache.length if cache is not None else 0
+        if start + ids.shape[1] > self.config.max_seq_len:
+            raise ValueError(f"sequence of {start + ids.shape[1]} tokens exceeds the context "
+                             f"length max_seq_len={self.config.max_seq_len}")
+        cos, sin = self.rope_for(start, ids.shape[1], self.dtype)
+        h = self.model(ids, cos, sin, cache, attention_mask)
+        if cache is not None:
+            cache.advance(ids.shape[1])
+        return h
 
     def forward(self, input_ids, cache: KVCache | None = None, attention_mask=None,
                 last_only: bool = False):
@@ -187,18 +211,7 @@ class LlamaForCausalLM(Module):
         ``attention_mask`` (B, Tk), True for real tokens, hides padding keys; right-padded
         training batches do not need it, since causal attention never looks ahead.
         """
-        ids = xp.asarray(input_ids.data if isinstance(input_ids, Tensor) else input_ids)
-        if ids.ndim != 2:
-            raise ValueError(f"input_ids must be (batch, tokens), got shape {ids.shape}")
-        start = cache.length if cache is not None else 0
-        if start + ids.shape[1] > self.config.max_seq_len:
-            raise ValueError(f"sequence of {start + ids.shape[1]} tokens exceeds the context "
-                             f"length max_seq_len={self.config.max_seq_len}")
-        dtype = self.model.embed_tokens.weight.dtype
-        cos, sin = self.rope_for(start, ids.shape[1], dtype)
-        h = self.model(ids, cos, sin, cache, attention_mask)
-        if cache is not None:
-            cache.advance(ids.shape[1])
+        h = self.hidden(input_ids, cache, attention_mask)
         if last_only:
             h = h[:, -1:]
         head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

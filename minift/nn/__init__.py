@@ -9,9 +9,9 @@ from minift.nn.freeze import (
     unfreeze,
 )
 from minift.nn.layers import Embedding, LayerNorm, Linear, RMSNorm
-from minift.nn.module import Module, ModuleList, Parameter
+from minift.nn.module import Module, ModuleDict, ModuleList, Parameter
 
 __all__ = [
-    "Embedding", "LayerNorm", "Linear", "Module", "ModuleList", "Parameter", "RMSNorm",
+    "Embedding", "LayerNorm", "Linear", "Module", "ModuleDict", "ModuleList", "Parameter", "RMSNorm",
     "freeze", "freeze_layers", "layer_index", "train_only_last_layers", "trainable_report", "unfreeze",
 ]

@@ -184,3 +184,30 @@ def matching(names, pattern: str | None) -> list[str]:
 def normal_init(shape, std: float, rng: numpy.random.Generator, dtype=numpy.float32):
     """N(0, std^2) weights drawn on the host from a seeded generator (same model on any backend)."""
     return xp.asarray(rng.normal(0.0, std, size=shape).astype(dtype))
+
+
+class ModuleDict(Module):
+    """Sub-modules registered by name (a LoRA layer keeps one ``lora_A`` per adapter name)."""
+
+    def __init__(self, modules: dict | None = None):
+        super().__init__()
+        for name, module in (modules or {}).items():
+            setattr(self, name, module)
+
+    def __getitem__(self, name: str) -> Module:
+        return self._modules[name]
+
+    def __setitem__(self, name: str, module: Module) -> None:
+        setattr(self, name, module)
+
+    def __delitem__(self, name: str) -> None:
+        delattr(self, name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._modules
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def keys(self):
+        return self._modules.keys()
