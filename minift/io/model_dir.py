@@ -12,12 +12,17 @@ from pathlib import Path
 from minift.io.safetensors import atomic_write_bytes, load_file, save_file
 
 
-def save_model(model, folder: str | Path, tokenizer: str = "byte") -> Path:
-    """Write ``model`` (all its parameters) and its config to ``folder``."""
+def save_model(model, folder: str | Path, tokenizer: str = "byte", surgery: dict | None = None) -> Path:
+    """Write ``model`` (all its parameters) and its config to ``folder``.
+
+    ``surgery`` records a method that added modules (bottleneck adapters, prefixes), as
+    ``{"method": ..., **options}``, so ``load_model`` can rebuild the same layout first."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(model.state_dict(), folder / "model.safetensors", metadata={"format": "minift"})
     config = {"architecture": "llama", "tokenizer": tokenizer, **model.config.to_dict()}
+    if surgery:
+        config["surgery"] = surgery
     atomic_write_bytes(folder / "config.json", [json.dumps(config, indent=2).encode()])
     return folder
 
@@ -34,6 +39,12 @@ def load_model(folder: str | Path):
     if config.pop("architecture", "llama") != "llama":
         raise ValueError(f"{config_path}: unsupported architecture")
     tokenizer = config.pop("tokenizer", "byte")
+    surgery = config.pop("surgery", None)
     model = LlamaForCausalLM(LlamaConfig(**config))
+    if surgery:
+        from minift.methods import MethodOptions, prepare_model  # noqa: PLC0415
+
+        method = surgery.pop("method")
+        model, _ = prepare_model(model, method, MethodOptions(**surgery))
     model.load_state_dict(load_file(folder / "model.safetensors"))
     return model, tokenizer

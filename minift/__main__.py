@@ -1,0 +1,5 @@
+import sys
+
+from minift.cli import main
+
+sys.exit(main())
