@@ -29,14 +29,14 @@ def split_arrays(obj, prefix: str = "", arrays: dict | None = None):
     Each array is replaced by ``{"__array__": key}`` and stored under ``key`` in ``arrays``.
     """
     arrays = {} if arrays is None else arrays
-    if hasattr(obj, "shape") and hasattr(obj, "dtype") and getattr(obj, "ndim", 0) > 0:
-        arrays[prefix] = to_numpy(obj)
+    if hasattr(obj, "shape") and hasattr(obj, "dtype") and not isinstance(obj, numpy.generic):
+        arrays[prefix] = to_numpy(obj)  # any ndarray, 0-d included (a scalar parameter's moments)
         return {"__array__": prefix}, arrays
     if isinstance(obj, dict):
         return {str(k): split_arrays(v, f"{prefix}/{k}", arrays)[0] for k, v in obj.items()}, arrays
     if isinstance(obj, (list, tuple)):
         return [split_arrays(v, f"{prefix}/{i}", arrays)[0] for i, v in enumerate(obj)], arrays
-    if isinstance(obj, numpy.generic) or (hasattr(obj, "item") and getattr(obj, "ndim", None) == 0):
+    if isinstance(obj, numpy.generic):
         return obj.item(), arrays
     return obj, arrays
 

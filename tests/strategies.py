@@ -28,3 +28,150 @@ def broadcastable_pair(draw, max_dims: int = 3):
     shape_a, shape_b = draw(hnp.mutually_broadcastable_shapes(num_shapes=2, max_dims=max_dims,
                                                                min_side=1, max_side=4)).input_shapes
     return shape_a, shape_b
+
+
+# ---- optimizers (tests/optim) ---------------------------------------------------------------
+@st.composite
+def adamw_hyperparams(draw):
+    """AdamW settings from tiny to large: lr up to 0.1, betas in [0, 0.999], eps > 0, wd up to 0.5."""
+    return {
+        "lr": draw(st.floats(1e-5, 1e-1)),
+        "betas": (draw(st.floats(0.0, 0.99)), draw(st.floats(0.0, 0.999))),
+        "eps": draw(st.floats(1e-10, 1e-4)),
+        "weight_decay": draw(st.floats(0.0, 0.5)),
+    }
+
+
+@st.composite
+def gradient_sequences(draw, max_steps: int = 6):
+    """(initial weights, [gradient per step]) of one shape, float64; gradients may be exactly 0."""
+    shape = draw(shapes(max_dims=2, max_side=4))
+    n_steps = draw(st.integers(1, max_steps))
+    weights = draw(arrays(shape))
+    return weights, [draw(arrays(shape)) for _ in range(n_steps)]
+
+
+# ---- value ranges that keep an op smooth and well-conditioned ------------------------------
+seeds = st.integers(min_value=0, max_value=2**32 - 1)
+
+
+def positive_arrays(shape, low: float = 0.5, high: float = 3.0):
+    """Strictly positive floats: the domain of log, sqrt, rsqrt and fractional powers."""
+    return arrays(shape, low, high)
+
+
+@st.composite
+def nonzero_arrays(draw, shape, low: float = 0.5, high: float = 3.0):
+    """Floats with low <= |x| <= high and either sign: denominators, dropout inputs."""
+    magnitude = draw(arrays(shape, low, high))
+    sign = draw(hnp.arrays(np.bool_, shape))
+    return np.where(sign, magnitude, -magnitude)
+
+
+@st.composite
+def distinct_arrays(draw, shape, spacing: float = 0.05):
+    """Floats whose values are all at least ``spacing`` apart: no ties, so max is differentiable.
+
+    A random permutation of an evenly spaced grid, shifted and jittered by less than spacing/4
+    (so finite differences with eps << spacing never swap two values).
+    """
+    size = int(np.prod(shape, dtype=np.int64))
+    order = draw(st.permutations(range(size)))
+    offset = draw(st.floats(-2.0, 2.0))
+    jitter = draw(arrays((size,), -spacing / 4, spacing / 4))
+    values = np.asarray(order, dtype=np.float64) * spacing + offset + jitter
+    return values.reshape(shape)
+
+
+@st.composite
+def tied_arrays(draw, shape):
+    """Floats drawn from three values only, so reductions meet many ties."""
+    return draw(hnp.arrays(np.float64, shape, elements=st.sampled_from([-1.0, 0.5, 2.0])))
+
+
+# ---- axes, indices and ids -----------------------------------------------------------------
+@st.composite
+def reduction_axes(draw, ndim: int):
+    """None, one axis (possibly negative) or a tuple of distinct axes of an ``ndim``-array."""
+    kind = draw(st.sampled_from(["none", "int", "tuple"] if ndim else ["none"]))
+    if kind == "none":
+        return None
+    if kind == "int":
+        return draw(st.integers(-ndim, ndim - 1))
+    chosen = draw(st.lists(st.integers(0, ndim - 1), min_size=1, max_size=ndim, unique=True))
+    return tuple(a - ndim if draw(st.booleans()) else a for a in chosen)
+
+
+@st.composite
+def repeated_ids(draw, high: int, shape):
+    """Integer ids in [0, high) of ``shape`` in which at least one id occurs twice."""
+    size = int(np.prod(shape, dtype=np.int64))
+    if size < 2:
+        raise ValueError("repeated_ids needs room for a repeat")
+    ids = draw(hnp.arrays(np.int64, (size,), elements=st.integers(0, high - 1)))
+    i, j = draw(st.lists(st.integers(0, size - 1), min_size=2, max_size=2, unique=True))
+    ids[j] = ids[i]
+    return ids.reshape(shape)
+
+
+@st.composite
+def slices(draw, side: int):
+    """A slice into an axis of length ``side`` (negative bounds and steps included, never empty)."""
+    step = draw(st.sampled_from([1, 1, 2, -1, -2]))
+    start = draw(st.integers(0, side - 1))
+    if step > 0:
+        stop = draw(st.integers(start + 1, side))
+    else:
+        stop = draw(st.integers(-1, start - 1))
+        stop = None if stop == -1 else stop
+    if draw(st.booleans()):  # the same slice written with a negative start
+        start -= side
+    return slice(start, stop, step)
+
+
+@st.composite
+def basic_and_advanced_indices(draw, shape):
+    """An index for ``x[index]``: slices, ints, None, Ellipsis, or integer arrays with repeats."""
+    kind = draw(st.sampled_from(["slices", "int", "array", "mixed", "ellipsis"]))
+    if kind == "slices":
+        return tuple(draw(slices(n)) for n in shape[: draw(st.integers(1, len(shape)))])
+    if kind == "int":
+        return draw(st.integers(-shape[0], shape[0] - 1))
+    if kind == "ellipsis":
+        return (Ellipsis, draw(st.integers(0, shape[-1] - 1)), None)
+    count = draw(st.integers(2, 6))
+    rows = draw(repeated_ids(shape[0], (count,)))  # repeats on purpose: the scatter must add
+    if kind == "array":
+        return rows
+    return (draw(slices(shape[0])), rows % shape[1]) if len(shape) > 1 else rows
+
+
+# ---- operand shapes for products and attention ----------------------------------------------
+@st.composite
+def matmul_shapes(draw):
+    """Shapes (a, b) for a @ b: plain 2-D, batched, broadcast batch axes, or a shared 2-D weight."""
+    n, k, m = draw(small_dims), draw(small_dims), draw(small_dims)
+    kind = draw(st.sampled_from(["2d", "batched", "broadcast", "shared_weight", "shared_input"]))
+    if kind == "2d":
+        return (n, k), (k, m)
+    if kind == "batched":
+        batch = draw(shapes(1, 2, 3))
+        return (*batch, n, k), (*batch, k, m)
+    if kind == "shared_weight":
+        return (*draw(shapes(1, 2, 3)), n, k), (k, m)
+    if kind == "shared_input":
+        return (n, k), (*draw(shapes(1, 2, 3)), k, m)
+    batch_a, batch_b = draw(broadcastable_pair(max_dims=2))
+    return (*batch_a, n, k), (*batch_b, k, m)
+
+
+@st.composite
+def attention_shapes(draw):
+    """(B, Hq, Hkv, Tq, Tk, d) with Hq = G * Hkv for G in {1, 2} and Tq <= Tk."""
+    b = draw(st.integers(1, 2))
+    hkv = draw(st.integers(1, 2))
+    groups = draw(st.sampled_from([1, 2]))
+    tk = draw(st.integers(1, 4))
+    tq = draw(st.integers(1, tk))
+    d = draw(st.sampled_from([2, 3, 4]))
+    return b, groups * hkv, hkv, tq, tk, d
