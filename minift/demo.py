@@ -19,6 +19,7 @@ from minift.data import ByteTokenizer, DataLoader, InstructionDataset, TextDatas
 from minift.io import save_model
 from minift.methods import prepare_model
 from minift.models import LlamaConfig, LlamaForCausalLM
+from minift.peft.delta import delta_report
 from minift.train import TrainConfig, Trainer, evaluate_loss, perplexity
 
 #: Methods that train few parameters take larger steps (lecture 000's 1e-5..5e-5 is for full
@@ -35,12 +36,13 @@ class DemoSettings:
     methods: tuple[str, ...] = ("full", "freeze", "last", "lora", "adapter", "prefix")
     block_size: int = 128
     batch_size: int = 16
+    eval_examples: int | None = None  # None: the whole held-out sets
     seed: int = 0
 
     @classmethod
     def fast(cls) -> DemoSettings:
-        """A seconds-long run for tests and CI: same code path, fewer steps."""
-        return cls(pretrain_steps=20, finetune_steps=6, block_size=64, batch_size=4)
+        """A seconds-long run for tests and CI: same code path, fewer steps, smaller evals."""
+        return cls(pretrain_steps=20, finetune_steps=8, block_size=64, batch_size=4, eval_examples=16)
 
 
 def tiny_config(vocab_size: int) -> LlamaConfig:
@@ -91,8 +93,9 @@ def run_demo(out_dir: str | Path = "runs/demo", settings: DemoSettings | None = 
     train_set = InstructionDataset(bundled_path("insurer_train.jsonl"), tok, max_len, system_prompt=SYSTEM_PROMPT)
     eval_set = InstructionDataset(bundled_path("insurer_eval.jsonl"), tok, max_len, system_prompt=SYSTEM_PROMPT)
     heldout = TextDataset(bundled_path("general_heldout.txt").read_text(), tok, settings.block_size)
-    domain_eval = DataLoader(eval_set, 16, shuffle=False, pad_id=tok.pad_id)
-    general_eval = DataLoader(heldout, 16, shuffle=False, pad_id=tok.pad_id)
+    n_eval = settings.eval_examples
+    domain_eval = DataLoader(_first(eval_set, n_eval), 16, shuffle=False, pad_id=tok.pad_id)
+    general_eval = DataLoader(_first(heldout, n_eval), 16, shuffle=False, pad_id=tok.pad_id)
     questions = [_question(r) for r in load_jsonl(bundled_path("insurer_eval.jsonl"))[:2]]
 
     before = measure(base, tok, domain_eval, general_eval)
@@ -111,9 +114,16 @@ def run_demo(out_dir: str | Path = "runs/demo", settings: DemoSettings | None = 
         after = measure(model, tok, domain_eval, general_eval)
         results[method] = {**after, "trainable_pct": 100 * model.num_parameters(True) / model.num_parameters(),
                            "answers": [answer(model, tok, q) for q in questions]}
+        if method == "full":
+            report_delta(delta_report(base_state, model), out_dir / "delta_spectrum.png")
     report(results, questions, out_dir)
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; outputs in {out_dir}/")
     return results
+
+
+def _first(dataset, n: int | None):
+    """The first ``n`` examples (all of them for None) — a DataLoader takes any sequence."""
+    return dataset if n is None else [dataset[i] for i in range(min(n, len(dataset)))]
 
 
 def _question(record: dict) -> str:
@@ -135,6 +145,35 @@ def report(results: dict, questions: list[str], out_dir: Path) -> None:
     print("(domain loss down = learned the insurer; general perplexity up = forgot general English)")
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     plot_results(results, out_dir / "forgetting.png")
+
+
+def report_delta(rows: list[dict], path: Path) -> None:
+    """LoRA's premise checked on this run: how low-rank is what full fine-tuning changed?"""
+    ranks = sorted(rows[0]["captured"])
+    print("\nΔW = W_full - W_pretrained, per weight matrix (lecture 004's low-rank claim):")
+    print(f"{'matrix':>44} | {'shape':>9} | eff.rank(90%) | " + " | ".join(f"rank {r:>2}" for r in ranks))
+    for row in rows:
+        shares = " | ".join(f"{100 * row['captured'][r]:6.1f}%" for r in ranks)
+        shape = "x".join(map(str, row["shape"]))
+        print(f"{row['name']:>44} | {shape:>9} | {row['effective_rank_90']:>6} of {row['full_rank']:<4} | {shares}")
+    print("(rank r column: share of ||ΔW||² a rank-r LoRA update could reproduce at best — Eckart-Young)")
+    plot_spectra(rows, path)
+
+
+def plot_spectra(rows: list[dict], path: Path) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for row in rows:
+        s = row["singular_values"]
+        ax.semilogy(range(1, len(s) + 1), s / max(s[0], 1e-30), alpha=0.5)
+    ax.set(xlabel="singular value index", ylabel="s_i / s_1 (log)", title="spectrum of ΔW after full fine-tuning")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def plot_results(results: dict, path: Path) -> None:

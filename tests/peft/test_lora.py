@@ -195,3 +195,16 @@ def test_lora_linear_matches_the_dense_formula(d_in, d_out, rows, r, alpha, seed
     np.testing.assert_allclose(x.grad, g @ dense, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(layer.lora_B["a"].weight.grad, s * g.T @ (x.data @ a_.T), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(layer.lora_A["a"].weight.grad, s * (g @ b_).T @ x.data, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("targets, r, expected_total", [
+    (["q_proj", "v_proj"], 8, 460_800),
+    (["q_proj", "k_proj", "v_proj", "o_proj"], 8, 921_600),
+    (["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], 8, 2_442_240),
+    (["q_proj", "k_proj", "v_proj", "o_proj"], 64, 7_372_800),
+])
+def test_smollm2_lora_parameter_counts(targets, r, expected_total):
+    """The table in docs/peft.md: one SmolLM2-135M block, built for real, times its 30 blocks."""
+    smollm2_block = LlamaConfig(vocab_size=8, dim=576, n_layers=1, n_heads=9, n_kv_heads=3, ffn_dim=1536)
+    peft = get_peft_model(LlamaForCausalLM(smollm2_block), LoraConfig(r=r, target_modules=targets))
+    assert 30 * peft.num_parameters(trainable_only=True) == expected_total
