@@ -175,3 +175,43 @@ def attention_shapes(draw):
     tq = draw(st.integers(1, tk))
     d = draw(st.sampled_from([2, 3, 4]))
     return b, groups * hkv, hkv, tq, tk, d
+
+
+# ---- text and chats (tests/data) -------------------------------------------------------------
+SPECIAL_STRINGS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>")
+TRICKY_PIECES = ("é", "日本語", "🙂", "👩\u200d👩\u200d👧", "\t\t", "   ", "\n\n\n", "\r\n", "\x00",
+                 "<|", "|>", "<|im_")
+
+# Any Unicode text that UTF-8 can encode (Hypothesis leaves out lone surrogates), with emoji,
+# joiners, whitespace runs and fragments of special-token names drawn often.
+unicode_text = st.lists(st.one_of(st.text(max_size=8), st.sampled_from(TRICKY_PIECES)),
+                        max_size=6).map("".join)
+
+
+@st.composite
+def text_with_specials(draw):
+    """Text with special-token strings (and near misses like ``<|im_``) spliced in."""
+    pieces = draw(st.lists(st.one_of(unicode_text, st.sampled_from(SPECIAL_STRINGS)), max_size=6))
+    return "".join(pieces)
+
+
+@st.composite
+def chats(draw, max_exchanges: int = 3):
+    """A valid chat: optional system message, then user/assistant exchanges, ending with the assistant."""
+    messages = []
+    if draw(st.booleans()):
+        messages.append({"role": "system", "content": draw(unicode_text)})
+    for _ in range(draw(st.integers(1, max_exchanges))):
+        messages.append({"role": "user", "content": draw(text_with_specials())})
+        messages.append({"role": "assistant", "content": draw(text_with_specials())})
+    return messages
+
+
+def bool_masks(shape):
+    """Arrays of True/False (subsets of rows, attention masks)."""
+    return hnp.arrays(np.bool_, shape)
+
+
+def ids(high: int, shape):
+    """Integer ids in [0, high) (targets, token ids), repeats allowed."""
+    return hnp.arrays(np.int64, shape, elements=st.integers(0, high - 1))

@@ -43,7 +43,7 @@ def _attach_operators() -> None:
     for name in ("exp", "log", "sqrt", "rsqrt", "sum", "mean", "max", "reshape", "permute",
                  "transpose", "softmax", "log_softmax"):
         setattr(Tensor, name, getattr(F, name))
-    Tensor.T = property(lambda t: F.transpose(t))
+    Tensor.T = property(F.transpose)
 
 
 _attach_operators()

@@ -18,7 +18,8 @@ Backward, with dO the incoming gradient:
     dQ = dS K / sqrt(d),   dK = dS^T Q / sqrt(d)   (dK summed over the group)
 
 The G query heads of a group are a reshape of Q, not copies of K and V: K and V are never
-repeated in memory. Saves: Q, K, V and P.
+repeated in memory. A query that may see no key at all (a padding position under left padding)
+gets P = 0 and output 0 instead of NaN. Saves: Q, K, V and P.
 """
 
 from __future__ import annotations
@@ -69,9 +70,11 @@ class ScaledDotProductAttention(Function):
             allowed = mask if allowed is None else (allowed & mask)
         if allowed is not None:
             s = xp.where(allowed, s, xp.asarray(-xp.inf, dtype=s.dtype))
-        s -= s.max(axis=-1, keepdims=True)
+        row_max = s.max(axis=-1, keepdims=True)
+        s -= xp.where(xp.isfinite(row_max), row_max, 0)  # a fully masked row stays -inf, not NaN
         p = xp.exp(s, out=s)
-        p /= p.sum(axis=-1, keepdims=True)
+        total = p.sum(axis=-1, keepdims=True)
+        p /= xp.where(total > 0, total, 1)  # ... and attends to nothing: its output is 0
         out = counted_matmul(p, vg)  # (B, Hkv, G, Tq, d)
         ctx.save_for_backward(qg, k, v, p)
         ctx.scale = scale

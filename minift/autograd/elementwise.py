@@ -226,7 +226,13 @@ class MatMul(Function):
                 f"matmul: inner dimensions differ: {a.shape} @ {b.shape} "
                 f"({a.shape[-1]} != {b.shape[-2]})"
             )
-        broadcast_shape("matmul (batch axes)", a.shape[:-2], b.shape[:-2])
+        try:
+            xp.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        except ValueError:
+            raise ShapeError(
+                f"matmul: batch axes of {a.shape} @ {b.shape} cannot be broadcast together "
+                f"({a.shape[:-2]} vs {b.shape[:-2]})"
+            ) from None
         need_a, need_b = ctx.needs_input_grad
         ctx.save_for_backward(a if need_b else None, b if need_a else None)
         ctx.shapes = (a.shape, b.shape)

@@ -81,14 +81,20 @@ class Context:
 
     ``saved`` holds the arrays the backward formula needs; the engine drops them right after
     the node's backward runs, so memory for activations is released as the walk proceeds.
+
+    ``saved_is_scratch`` is True only while a backward runs whose saved arrays will be dropped
+    right after it (no ``retain_graph``): then, and only then, backward may overwrite them in
+    place instead of allocating a new buffer. With a retained graph the next backward needs them
+    intact.
     """
 
-    __slots__ = ("needs_input_grad", "saved", "freed", "__dict__")
+    __slots__ = ("needs_input_grad", "saved", "freed", "saved_is_scratch", "__dict__")
 
     def __init__(self, needs_input_grad: tuple[bool, ...]):
         self.needs_input_grad = needs_input_grad
         self.saved: tuple = ()
         self.freed = False
+        self.saved_is_scratch = False
 
     def save_for_backward(self, *arrays) -> None:
         self.saved = arrays
@@ -97,6 +103,7 @@ class Context:
         self.saved = ()
         self.__dict__.clear()
         self.freed = True
+        self.saved_is_scratch = False
 
 
 class Function:
@@ -137,14 +144,19 @@ class Node:
         self.ctx = ctx
         self.inputs = inputs
 
-    def run_backward(self, grad):
+    def run_backward(self, grad, release: bool = False):
+        """dL/d(inputs) from dL/d(output); ``release``: the saved arrays are dropped afterwards."""
         if self.ctx.freed:
             raise GraphFreedError(
                 f"backward through {self.function.__name__} a second time: its saved arrays were "
                 "freed after the first backward. Call backward(retain_graph=True) the first time "
                 "if you need to go through the same graph twice."
             )
-        grads = self.function.backward(self.ctx, grad)
+        self.ctx.saved_is_scratch = release
+        try:
+            grads = self.function.backward(self.ctx, grad)
+        finally:
+            self.ctx.saved_is_scratch = False
         if not isinstance(grads, tuple):
             grads = (grads,)
         if len(grads) != len(self.inputs):
@@ -153,3 +165,13 @@ class Node:
                 f"for {len(self.inputs)} inputs"
             )
         return grads
+
+    def release(self) -> None:
+        """Drop the saved arrays *and* the links to the input tensors after backward.
+
+        The inputs hold their forward values (the activations). Without this, a loss tensor
+        that is still referenced — the next micro-batch's forward runs before ``loss`` is
+        rebound — would keep every activation of the previous step alive.
+        """
+        self.ctx.release()
+        self.inputs = ()

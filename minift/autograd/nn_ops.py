@@ -67,8 +67,9 @@ class CrossEntropy(Function):
 
         dz_n = (softmax(z_n) - onehot(t_n)) * g / n_counted   for counted rows, 0 otherwise
 
-    Saves: the softmax probabilities (N x V, turned into dz in place during backward), the
-    targets, and the count. If every row is ignored the loss is 0 with a zero gradient.
+    Saves: the softmax probabilities (N x V, turned into dz in place during backward unless the
+    graph is retained), the targets, and the count. If every row is ignored the loss is 0 with a
+    zero gradient.
     """
 
     @staticmethod
@@ -80,7 +81,8 @@ class CrossEntropy(Function):
             )
         counted = targets != ignore_index
         safe_targets = xp.where(counted, targets, 0)
-        if int(xp.max(safe_targets, initial=0)) >= logits.shape[1] or int(xp.min(safe_targets, initial=0)) < 0:
+        lowest, highest = int(xp.min(safe_targets, initial=0)), int(xp.max(safe_targets, initial=0))
+        if lowest < 0 or highest >= logits.shape[1]:
             raise ValueError(f"cross_entropy: a target is outside the vocabulary [0, {logits.shape[1]})")
         lse = _logsumexp(logits, axis=1)[:, 0]
         rows = xp.arange(logits.shape[0])
@@ -94,7 +96,9 @@ class CrossEntropy(Function):
     @staticmethod
     def backward(ctx, g):
         probs, targets, counted = ctx.saved
-        dz = probs  # reuse the saved buffer: the graph frees it right after this call
+        # Reuse the saved N x V buffer when the graph frees it right after this call; a retained
+        # graph needs the probabilities intact for its next backward.
+        dz = probs if ctx.saved_is_scratch else probs.copy()
         dz[xp.arange(dz.shape[0]), targets] -= 1
         dz *= (counted * (g / max(ctx.n_counted, 1)))[:, None].astype(dz.dtype)
         return (dz,)

@@ -89,7 +89,7 @@ class Concatenate(Function):
     def backward(ctx, g):
         bounds = xp.cumsum(xp.asarray(ctx.sizes[:-1])).tolist()
         pieces = xp.split(g, bounds, axis=ctx.axis)
-        return tuple(p if need else None for p, need in zip(pieces, ctx.needs_input_grad))
+        return tuple(p if need else None for p, need in zip(pieces, ctx.needs_input_grad, strict=True))
 
 
 class Stack(Function):
@@ -105,4 +105,4 @@ class Stack(Function):
     @staticmethod
     def backward(ctx, g):
         pieces = xp.moveaxis(g, ctx.axis, 0)
-        return tuple(p if need else None for p, need in zip(pieces, ctx.needs_input_grad))
+        return tuple(p if need else None for p, need in zip(pieces, ctx.needs_input_grad, strict=True))

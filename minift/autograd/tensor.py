@@ -29,7 +29,10 @@ class Tensor:
     def __init__(self, data, requires_grad: bool = False, dtype=None, name: str | None = None):
         if isinstance(data, Tensor):
             data = data.data
-        if dtype is None and isinstance(data, (numbers.Number, list, tuple)):
+        # Python numbers and lists get the default dtype. A NumPy scalar (numpy.float64(...), what
+        # NumPy returns for a full reduction or for arithmetic on 0-d arrays) keeps its own dtype.
+        from_python = isinstance(data, (numbers.Number, list, tuple)) and not isinstance(data, numpy.generic)
+        if dtype is None and from_python:
             dtype = DEFAULT_DTYPE
         self.data = asarray(data, dtype=dtype)
         if requires_grad and not xp.issubdtype(self.data.dtype, xp.floating):
@@ -112,7 +115,9 @@ class Tensor:
                 raise ValueError(f"backward(): grad shape {grad.shape} != tensor shape {self.shape}")
 
         grads = {id(self): grad}
-        for tensor in _reverse_topological_order(self):
+        order = _reverse_topological_order(self)
+        for i, tensor in enumerate(order):
+            order[i] = None  # the walk no longer pins this tensor (nor, below, its inputs)
             g = grads.pop(id(tensor), None)
             if g is None:
                 continue
@@ -120,10 +125,11 @@ class Tensor:
                 tensor.grad = g if tensor.grad is None else tensor.grad + g
                 continue
             node = tensor._node
-            input_grads = node.run_backward(g)
+            inputs = node.inputs
+            input_grads = node.run_backward(g, release=not retain_graph)
             if not retain_graph:
-                node.ctx.release()
-            for parent, parent_grad in zip(node.inputs, input_grads):
+                node.release()
+            for parent, parent_grad in zip(inputs, input_grads, strict=True):
                 if parent_grad is None or not parent.requires_grad:
                     continue
                 if parent_grad.shape != parent.shape:

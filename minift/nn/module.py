@@ -135,11 +135,10 @@ class Module:
         if strict and (missing or unexpected):
             raise KeyError(f"load_state_dict: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
                            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
-        for name, value in state.items():
+        for name, saved in state.items():
             if name not in own:
                 continue
-            param = own[name]
-            value = asarray(value)
+            param, value = own[name], asarray(saved)
             if value.shape != param.shape:
                 raise ValueError(f"load_state_dict: {name} has shape {value.shape} in the checkpoint "
                                  f"but {param.shape} in the model")
