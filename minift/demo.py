@@ -15,7 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from minift.data import ByteTokenizer, DataLoader, InstructionDataset, TextDataset, bundled_path, load_jsonl
+from minift.data import ByteTokenizer, DataLoader, InstructionDataset, TextDataset, bundled_path, load_jsonl, load_qa
+from minift.evaluation import qa_accuracy
 from minift.io import save_model
 from minift.methods import prepare_model
 from minift.models import LlamaConfig, LlamaForCausalLM
@@ -62,7 +63,7 @@ def answer(model, tokenizer, question: str, max_new_tokens: int = 80) -> str:
 
 
 def pretrain(settings: DemoSettings, tokenizer, out_dir: Path, progress: bool):
-    text = bundled_path("general_corpus.txt").read_text()
+    text = bundled_path("general_corpus.txt").read_text(encoding="utf-8")
     loader = DataLoader(TextDataset(text, tokenizer, settings.block_size), settings.batch_size,
                         seed=settings.seed, pad_id=tokenizer.pad_id)
     model = LlamaForCausalLM(tiny_config(tokenizer.vocab_size), seed=settings.seed)
@@ -73,10 +74,12 @@ def pretrain(settings: DemoSettings, tokenizer, out_dir: Path, progress: bool):
     return model
 
 
-def measure(model, tokenizer, domain_eval, general_eval) -> dict:
-    """Domain loss (what fine-tuning should lower) and general perplexity (what it may raise)."""
+def measure(model, tokenizer, domain_eval, general_eval, qa_records) -> dict:
+    """Domain loss (what fine-tuning should lower); general perplexity and general-fact
+    accuracy (what it may damage: catastrophic forgetting)."""
     return {"domain_loss": evaluate_loss(model, domain_eval),
-            "general_ppl": perplexity(evaluate_loss(model, general_eval))}
+            "general_ppl": perplexity(evaluate_loss(model, general_eval)),
+            "qa_accuracy": qa_accuracy(model, tokenizer, qa_records, mode="cloze")}
 
 
 def run_demo(out_dir: str | Path = "runs/demo", settings: DemoSettings | None = None,
@@ -92,13 +95,14 @@ def run_demo(out_dir: str | Path = "runs/demo", settings: DemoSettings | None = 
     max_len = base.config.max_seq_len
     train_set = InstructionDataset(bundled_path("insurer_train.jsonl"), tok, max_len, system_prompt=SYSTEM_PROMPT)
     eval_set = InstructionDataset(bundled_path("insurer_eval.jsonl"), tok, max_len, system_prompt=SYSTEM_PROMPT)
-    heldout = TextDataset(bundled_path("general_heldout.txt").read_text(), tok, settings.block_size)
+    heldout = TextDataset(bundled_path("general_heldout.txt").read_text(encoding="utf-8"), tok, settings.block_size)
     n_eval = settings.eval_examples
     domain_eval = DataLoader(_first(eval_set, n_eval), 16, shuffle=False, pad_id=tok.pad_id)
     general_eval = DataLoader(_first(heldout, n_eval), 16, shuffle=False, pad_id=tok.pad_id)
     questions = [_question(r) for r in load_jsonl(bundled_path("insurer_eval.jsonl"))[:2]]
+    qa_records = load_qa(bundled_path("general_qa.jsonl"))[:n_eval]
 
-    before = measure(base, tok, domain_eval, general_eval)
+    before = measure(base, tok, domain_eval, general_eval, qa_records)
     results = {"pretrained": {**before, "trainable_pct": 0.0,
                               "answers": [answer(base, tok, q) for q in questions]}}
     for method in settings.methods:
@@ -111,7 +115,7 @@ def run_demo(out_dir: str | Path = "runs/demo", settings: DemoSettings | None = 
         config = TrainConfig(max_steps=settings.finetune_steps, lr=LEARNING_RATES[method], warmup_ratio=0.1,
                              schedule="linear", out_dir=str(out_dir / method), progress=progress)
         Trainer(model, config, loader).train()
-        after = measure(model, tok, domain_eval, general_eval)
+        after = measure(model, tok, domain_eval, general_eval, qa_records)
         results[method] = {**after, "trainable_pct": 100 * model.num_parameters(True) / model.num_parameters(),
                            "answers": [answer(model, tok, q) for q in questions]}
         if method == "full":
@@ -139,10 +143,11 @@ def report(results: dict, questions: list[str], out_dir: Path) -> None:
         print(f"\nQ: {q}")
         for name, r in results.items():
             print(f"  [{name:>10}] {r['answers'][i][:160]!r}")
-    print(f"\n{'method':>10} | {'trainable %':>11} | {'domain loss':>11} | {'general ppl':>11}")
+    print(f"\n{'method':>10} | {'trainable %':>11} | {'domain loss':>11} | {'general ppl':>11} | {'facts %':>7}")
     for name, r in results.items():
-        print(f"{name:>10} | {r['trainable_pct']:11.1f} | {r['domain_loss']:11.3f} | {r['general_ppl']:11.2f}")
-    print("(domain loss down = learned the insurer; general perplexity up = forgot general English)")
+        print(f"{name:>10} | {r['trainable_pct']:11.1f} | {r['domain_loss']:11.3f} | {r['general_ppl']:11.2f} | "
+              f"{100 * r['qa_accuracy']:7.1f}")
+    print("(domain loss down = learned the insurer; general perplexity up or facts down = forgot)")
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     plot_results(results, out_dir / "forgetting.png")
 
@@ -183,11 +188,15 @@ def plot_results(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     names = list(results)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(13, 3.6))
     ax1.bar(names, [results[n]["domain_loss"] for n in names], color="tab:blue")
     ax1.set(title="domain loss (lower = learned)", ylabel="nats / token")
     ax2.bar(names, [results[n]["general_ppl"] for n in names], color="tab:red")
     ax2.set(title="general-text perplexity (higher = forgot)")
+    ax3.bar(names, [100 * results[n]["qa_accuracy"] for n in names], color="tab:green")
+    ax3.set(title="general facts, cloze accuracy % (lower = forgot)")
+    for ax in (ax1, ax2, ax3):
+        ax.tick_params(axis="x", rotation=45)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

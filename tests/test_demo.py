@@ -10,7 +10,7 @@ def test_the_fast_demo_runs_every_method_and_writes_its_report(tmp_path, capsys)
     results = run_demo(tmp_path, DemoSettings.fast(), progress=False)
     assert list(results) == ["pretrained", *METHODS]
     for name, row in results.items():
-        assert row["domain_loss"] > 0 and row["general_ppl"] > 1, name
+        assert row["domain_loss"] > 0 and row["general_ppl"] > 1 and 0 <= row["qa_accuracy"] <= 1, name
     assert results["pretrained"]["trainable_pct"] == 0
     assert results["full"]["trainable_pct"] == 100
     assert 0 < results["lora"]["trainable_pct"] < 10
