@@ -208,3 +208,16 @@ def test_smollm2_lora_parameter_counts(targets, r, expected_total):
     smollm2_block = LlamaConfig(vocab_size=8, dim=576, n_layers=1, n_heads=9, n_kv_heads=3, ffn_dim=1536)
     peft = get_peft_model(LlamaForCausalLM(smollm2_block), LoraConfig(r=r, target_modules=targets))
     assert 30 * peft.num_parameters(trainable_only=True) == expected_total
+
+
+def test_lora_dropout_acts_in_training_only_and_only_on_the_lora_path(backend):
+    peft = get_peft_model(base_model(), LoraConfig(r=4, lora_dropout=0.5))
+    randomize_lora_B(peft)
+    peft.train()
+    a, b = logits(peft), logits(peft)
+    assert np.abs(a - b).max() > 1e-4  # a fresh mask each call
+    peft.eval()
+    np.testing.assert_array_equal(logits(peft), logits(peft))
+    with peft.disable_adapter():
+        peft.train()
+        np.testing.assert_array_equal(logits(peft), logits(base_model()))
