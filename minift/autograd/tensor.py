@@ -115,6 +115,7 @@ class Tensor:
                 raise ValueError(f"backward(): grad shape {grad.shape} != tensor shape {self.shape}")
 
         grads = {id(self): grad}
+        given_to_leaves = set()  # ids of arrays already stored in some leaf's .grad
         order = _reverse_topological_order(self)
         for i, tensor in enumerate(order):
             order[i] = None  # the walk no longer pins this tensor (nor, below, its inputs)
@@ -122,7 +123,11 @@ class Tensor:
             if g is None:
                 continue
             if tensor._node is None:
-                tensor.grad = g if tensor.grad is None else tensor.grad + g
+                if tensor.grad is not None:
+                    tensor.grad = tensor.grad + g
+                else:  # ops may pass one array to several inputs (a + b): never share a .grad
+                    tensor.grad = g.copy() if id(g) in given_to_leaves else g
+                    given_to_leaves.add(id(tensor.grad))
                 continue
             node = tensor._node
             inputs = node.inputs

@@ -389,3 +389,18 @@ def test_a_query_that_may_see_no_key_gets_zero_output_not_nan():
     np.testing.assert_array_equal(out.data[:, :, 0], 0.0)
     F.sum(out * out).backward()
     assert all(np.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_two_leaves_never_share_one_grad_array():
+    """Add passes the same gradient array to both inputs; in-place edits of one .grad
+    (clipping, scaling) must not change the other."""
+    import numpy as np
+
+    from minift.autograd import Tensor
+
+    a = Tensor(np.ones(3), requires_grad=True)
+    b = Tensor(np.ones(3), requires_grad=True)
+    (a + b).backward(np.ones(3))
+    assert a.grad is not b.grad
+    a.grad *= 10
+    np.testing.assert_array_equal(b.grad, np.ones(3))
