@@ -288,12 +288,13 @@ class RoPE(Function):
     Feature i of a head is paired with feature i + d/2; the pair is rotated by the angle
     pos * theta^(-2i/d):   y = x cos + rotate_half(x) sin.
     A rotation's inverse is its transpose, so  dx = g cos + rotate_half^T(g sin).
-    ``cos`` and ``sin`` are (T, d) tables from ``rope_tables``. Saves: cos and sin (constants).
+    ``cos`` and ``sin`` are (T, d) tables from ``rope_tables``, or (B, 1, T, d) when each row of
+    the batch has its own positions (left-padded batches). Saves: cos and sin (constants).
     """
 
     @staticmethod
     def forward(ctx, x, *, cos, sin):
-        if cos.shape != x.shape[-2:]:
+        if cos.shape[-2:] != x.shape[-2:] or xp.broadcast_shapes(cos.shape, x.shape) != x.shape:
             raise ShapeError(f"rope: tables {cos.shape} do not fit (..., T, head_dim) = {x.shape}")
         ctx.save_for_backward(cos, sin)
         return x * cos + rotate_half(x) * sin
@@ -305,8 +306,8 @@ class RoPE(Function):
 
 
 def rope_tables(positions, head_dim: int, theta: float = 10000.0, dtype="float32"):
-    """cos and sin tables (T, head_dim) for the given integer positions."""
+    """cos and sin tables (..., T, head_dim) for integer positions of shape (..., T)."""
     inv_freq = 1.0 / (theta ** (xp.arange(0, head_dim, 2, dtype=xp.float64) / head_dim))
-    angles = xp.asarray(positions, dtype=xp.float64)[:, None] * inv_freq[None, :]
+    angles = xp.asarray(positions, dtype=xp.float64)[..., None] * inv_freq
     angles = xp.concatenate([angles, angles], axis=-1)
     return xp.cos(angles).astype(dtype), xp.sin(angles).astype(dtype)

@@ -189,8 +189,12 @@ class LlamaForCausalLM(Module):
         return F.rope_tables(numpy.arange(start, start + length), self.config.head_dim,
                              self.config.rope_theta, dtype=dtype)
 
-    def hidden(self, input_ids, cache: KVCache | None = None, attention_mask=None):
-        """Final hidden states (B, T, C): the features a linear probe or a head reads."""
+    def hidden(self, input_ids, cache: KVCache | None = None, attention_mask=None, positions=None):
+        """Final hidden states (B, T, C): the features a linear probe or a head reads.
+
+        ``positions`` (B, T) gives each row its own token positions — a left-padded row starts
+        counting at its first real token; by default positions continue from the cache.
+        """
         ids = xp.asarray(input_ids.data if isinstance(input_ids, Tensor) else input_ids)
         if ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, tokens), got shape {ids.shape}")
@@ -198,20 +202,27 @@ class LlamaForCausalLM(Module):
         if start + ids.shape[1] > self.config.max_seq_len:
             raise ValueError(f"sequence of {start + ids.shape[1]} tokens exceeds the context "
                              f"length max_seq_len={self.config.max_seq_len}")
-        cos, sin = self.rope_for(start, ids.shape[1], self.dtype)
+        if positions is None:
+            cos, sin = self.rope_for(start, ids.shape[1], self.dtype)
+        else:
+            positions = xp.asarray(positions)
+            if positions.shape != ids.shape:
+                raise ValueError(f"positions {positions.shape} must have the shape of input_ids {ids.shape}")
+            cos, sin = (t[:, None] for t in F.rope_tables(positions, self.config.head_dim, self.config.rope_theta,
+                                                           dtype=self.dtype))  # (B, 1, T, hd)
         h = self.model(ids, cos, sin, cache, attention_mask)
         if cache is not None:
             cache.advance(ids.shape[1])
         return h
 
     def forward(self, input_ids, cache: KVCache | None = None, attention_mask=None,
-                last_only: bool = False):
+                last_only: bool = False, positions=None):
         """Logits for every position, or only for the last one (``last_only``, generation).
 
         ``attention_mask`` (B, Tk), True for real tokens, hides padding keys; right-padded
         training batches do not need it, since causal attention never looks ahead.
         """
-        h = self.hidden(input_ids, cache, attention_mask)
+        h = self.hidden(input_ids, cache, attention_mask, positions)
         if last_only:
             h = h[:, -1:]
         head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

@@ -141,3 +141,17 @@ def test_float64_model_gradient_matches_finite_differences():
         down = F.cross_entropy(model(ids), targets).item()
         flat[i] = old
         np.testing.assert_allclose(p.grad.reshape(-1)[i], (up - down) / 2e-6, rtol=1e-5, atol=1e-9, err_msg=name)
+
+
+def test_a_left_padded_row_with_its_own_positions_equals_the_row_alone(backend):
+    """Serving batches requests of different lengths by left padding: with per-row positions
+    and a key mask, each row's logits equal that request run alone."""
+    model = small_model()
+    short, long = [5, 9, 2], [7, 1, 3, 3, 8, 4]
+    alone = to_numpy(model(np.array([short])).data)[0]
+    ids = np.array([[0, 0, 0, *short], long])
+    mask = np.array([[False] * 3 + [True] * 3, [True] * 6])
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    batched = to_numpy(model(ids, attention_mask=mask, positions=positions).data)
+    np.testing.assert_allclose(batched[0, 3:], alone, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(batched[1], to_numpy(model(np.array([long])).data)[0], rtol=1e-5, atol=1e-5)
