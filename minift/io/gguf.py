@@ -1,0 +1,289 @@
+"""GGUF, llama.cpp's one-file model format, read into a minift Llama (and its tokenizer).
+
+A GGUF file holds three things, in this order (little-endian throughout):
+
+1. a header: magic ``b"GGUF"``, version, tensor count, metadata count;
+2. metadata: typed key/values such as ``llama.block_count = 30`` or the whole tokenizer
+   vocabulary ``tokenizer.ggml.tokens``, and ``tokenizer.chat_template``;
+3. tensor infos (name, dims, type, offset) and then the aligned tensor bytes.
+
+The ``gguf`` package (maintained with llama.cpp) parses 1-3 and memory-maps the bytes. What
+this module writes out itself is everything that needs understanding:
+
+* **dequantization** (``dequantize_q8_0``, ``dequantize_q4_1``): the weights are stored in blocks
+  of 32 numbers that share a scale; we turn them back into float32;
+* **dims**: GGUF lists dims fastest-varying first (``ne0, ne1`` = in, out for a weight), the
+  reverse of NumPy's row-major shape, so a listed ``[576, 1536]`` is a NumPy ``(1536, 576)``,
+  which is already PyTorch/HF's ``(out_features, in_features)``;
+* **names** (``minift_name``): ``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``;
+* **RoPE row order** (``unpermute_rope_rows``): llama.cpp's converter reorders the rows of Q and K.
+* **config** (``config_from_metadata``) from the ``llama.*`` keys.
+
+Everything is dequantized to float32 on load: minift trains in float32, and a 135M-parameter
+model is 540 MB that way.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy
+
+GGUF_MAGIC = b"GGUF"
+
+
+class GGUFError(ValueError):
+    """The file is not a GGUF minift can read (the message says what is wrong and where)."""
+
+
+# ---- dequantization -------------------------------------------------------------------------
+
+#: Q8_0 block (llama.cpp ``block_q8_0``): 32 weights in 34 bytes, x_i = d * q_i.
+Q8_0_BLOCK = numpy.dtype([("d", "<f2"), ("q", "i1", (32,))])
+
+#: Q4_1 block (``block_q4_1``): 32 weights in 20 bytes, x_i = d * q_i + m with 4-bit q_i.
+Q4_1_BLOCK = numpy.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", (16,))])
+
+
+def dequantize_q8_0(raw: numpy.ndarray) -> numpy.ndarray:
+    """Q8_0 bytes -> float32 weights, 32 per block.
+
+    Block layout: ``d`` (float16 scale), then 32 signed bytes ``q``. Weight i is ``d * q[i]``:
+    symmetric 8-bit quantization, the scale chosen per block as max|x| / 127.
+    """
+    blocks = raw.view(Q8_0_BLOCK)
+    return (blocks["d"].astype(numpy.float32)[:, None] * blocks["q"]).reshape(-1)
+
+
+def dequantize_q4_1(raw: numpy.ndarray) -> numpy.ndarray:
+    """Q4_1 bytes -> float32 weights, 32 per block.
+
+    Block layout: ``d`` (float16 step), ``m`` (float16 minimum), then 16 bytes holding 32
+    unsigned 4-bit codes q in 0..15. Weight i is ``d * q[i] + m``: asymmetric quantization of
+    the block's range [min, max] onto 16 levels.
+
+    Nibble order (llama.cpp's, easy to get wrong): byte j holds weight j in its *low* nibble
+    and weight j + 16 in its *high* nibble. So the low nibbles of the 16 bytes are the first
+    half of the block and the high nibbles the second half, not interleaved pairs.
+    """
+    blocks = raw.view(Q4_1_BLOCK)
+    low, high = blocks["qs"] & 0x0F, blocks["qs"] >> 4  # (n_blocks, 16) each
+    q = numpy.concatenate([low, high], axis=1).astype(numpy.float32)  # (n_blocks, 32)
+    d = blocks["d"].astype(numpy.float32)[:, None]
+    m = blocks["m"].astype(numpy.float32)[:, None]
+    return (d * q + m).reshape(-1)
+
+
+def _f32(raw):
+    return raw.view("<f4").astype(numpy.float32)
+
+
+def _f16(raw):
+    return raw.view("<f2").astype(numpy.float32)
+
+
+#: GGML type name -> (weights per block, bytes per block, decoder of raw bytes to float32).
+DEQUANTIZERS = {
+    "F32": (1, 4, _f32),
+    "F16": (1, 2, _f16),
+    "Q8_0": (32, Q8_0_BLOCK.itemsize, dequantize_q8_0),
+    "Q4_1": (32, Q4_1_BLOCK.itemsize, dequantize_q4_1),
+}
+
+
+def dequantize(raw, type_name: str, shape: tuple[int, ...], name: str = "tensor") -> numpy.ndarray:
+    """The float32 array of NumPy ``shape`` stored as ``raw`` bytes of GGML type ``type_name``."""
+    if type_name not in DEQUANTIZERS:
+        raise GGUFError(f"{name}: tensor type {type_name} is not supported "
+                        f"(minift reads {', '.join(DEQUANTIZERS)})")
+    per_block, block_bytes, decode = DEQUANTIZERS[type_name]
+    count = int(numpy.prod(shape, dtype=numpy.int64))
+    raw = numpy.ascontiguousarray(raw).view(numpy.uint8).reshape(-1)
+    if count % per_block or raw.size != count // per_block * block_bytes:
+        raise GGUFError(f"{name}: {raw.size} bytes cannot hold {count} {type_name} values "
+                        f"(blocks of {per_block} in {block_bytes} bytes)")
+    return decode(raw).reshape(shape)
+
+
+# ---- names and RoPE row order ---------------------------------------------------------------
+
+_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+_BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+def minift_name(gguf_name: str) -> str:
+    """llama.cpp tensor name -> minift (= Hugging Face Llama) parameter name."""
+    if match := _BLOCK_TENSOR.fullmatch(gguf_name):
+        layer, part, kind = match.groups()
+        if part in _BLOCK_NAMES:
+            return f"model.layers.{layer}.{_BLOCK_NAMES[part]}.{kind}"
+    else:
+        base, _, kind = gguf_name.rpartition(".")
+        if base in _GLOBAL_NAMES and kind in ("weight", "bias"):
+            return f"{_GLOBAL_NAMES[base]}.{kind}"
+    raise GGUFError(f"unknown GGUF tensor {gguf_name!r} for a Llama model")
+
+
+def unpermute_rope_rows(w: numpy.ndarray, n_heads: int) -> numpy.ndarray:
+    """Undo llama.cpp's reordering of the rows of a Q or K projection (weight or bias).
+
+    Both implementations rotate pairs of coordinates of each head (RoPE), but not the same
+    pairs. Hugging Face rotates ``(x[i], x[i + hd/2])`` ("rotate half"); llama.cpp rotates
+    neighbours ``(x[2i], x[2i + 1])``. So ``convert_hf_to_gguf.py`` interleaves the two halves
+    of each head's rows: GGUF row ``2i`` of a head is HF row ``i`` and GGUF row ``2i + 1`` is
+    HF row ``i + hd/2``. Here we put them back: view the head's rows as (hd/2, 2), swap to
+    (2, hd/2), flatten. ``n_heads`` is the query head count for Q and the key/value head count
+    for K.
+    """
+    rows = w.shape[0]
+    half = rows // n_heads // 2
+    return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# ---- the file -------------------------------------------------------------------------------
+
+
+@dataclass
+class GGUFTensor:
+    name: str
+    type_name: str
+    shape: tuple[int, ...]  # NumPy order: GGUF's dims reversed
+    raw: numpy.ndarray  # the stored bytes (memory-mapped)
+
+
+@dataclass
+class GGUFFile:
+    path: Path
+    metadata: dict
+    tensors: dict[str, GGUFTensor]
+
+    def array(self, name: str) -> numpy.ndarray:
+        """Tensor ``name`` (GGUF name) as float32, dequantized."""
+        t = self.tensors[name]
+        return dequantize(t.raw, t.type_name, t.shape, f"{self.path}: {name}")
+
+
+def read_gguf(path: str | Path) -> GGUFFile:
+    """Parse ``path`` with ``gguf.GGUFReader``; anything malformed becomes a ``GGUFError``."""
+    import gguf  # noqa: PLC0415 - only needed when a GGUF is read
+
+    path = Path(path)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise GGUFError(f"{path}: not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
+    try:
+        reader = gguf.GGUFReader(path)
+        metadata = {key: field.contents() for key, field in reader.fields.items()}
+        tensors = {t.name: GGUFTensor(t.name, t.tensor_type.name, tuple(int(d) for d in reversed(t.shape)),
+                                      t.data) for t in reader.tensors}
+    except (ValueError, IndexError, KeyError, OverflowError) as exc:  # what a short read turns into
+        raise GGUFError(f"{path}: truncated or corrupt GGUF file ({exc})") from None
+    return GGUFFile(path, metadata, tensors)
+
+
+# ---- config and weights ---------------------------------------------------------------------
+
+
+def _required(metadata: dict, key: str):
+    if key not in metadata:
+        raise GGUFError(f"GGUF metadata has no {key!r}")
+    return metadata[key]
+
+
+def config_from_metadata(metadata: dict, tensors: dict[str, GGUFTensor]):
+    """A ``LlamaConfig`` from the ``llama.*`` metadata keys (and which tensors exist)."""
+    from minift.models import LlamaConfig  # noqa: PLC0415 - io must not need models at import
+
+    arch = metadata.get("general.architecture")
+    if arch != "llama":
+        raise GGUFError(f"GGUF architecture {arch!r} is not supported (minift reads 'llama')")
+    if metadata.get("llama.rope.scaling.type", "none") != "none" or "rope_freqs.weight" in tensors:
+        raise GGUFError("GGUF uses RoPE scaling, which minift's Llama does not implement")
+    if "token_embd.weight" not in tensors:
+        raise GGUFError("GGUF has no token_embd.weight tensor")
+
+    def get(key):
+        return _required(metadata, f"llama.{key}")
+
+    config = LlamaConfig(
+        vocab_size=int(metadata.get("llama.vocab_size", tensors["token_embd.weight"].shape[0])),
+        dim=int(get("embedding_length")), n_layers=int(get("block_count")),
+        n_heads=int(get("attention.head_count")),
+        n_kv_heads=int(metadata.get("llama.attention.head_count_kv", get("attention.head_count"))),
+        ffn_dim=int(get("feed_forward_length")), max_seq_len=int(get("context_length")),
+        rope_theta=float(metadata.get("llama.rope.freq_base", 10000.0)),
+        norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+        tie_embeddings="output.weight" not in tensors,
+        attention_bias="blk.0.attn_q.bias" in tensors, mlp_bias="blk.0.ffn_up.bias" in tensors)
+    rope_dims = metadata.get("llama.rope.dimension_count", config.head_dim)
+    if rope_dims != config.head_dim:
+        raise GGUFError(f"GGUF rotates {rope_dims} of {config.head_dim} head dims; minift rotates all")
+    return config
+
+
+def state_dict_from_gguf(file: GGUFFile, config) -> dict[str, numpy.ndarray]:
+    """minift parameter name -> float32 array, with Q/K rows back in Hugging Face order."""
+    state = {}
+    for name in file.tensors:
+        array = file.array(name)
+        if ".attn_q." in name:
+            array = unpermute_rope_rows(array, config.n_heads)
+        elif ".attn_k." in name:
+            array = unpermute_rope_rows(array, config.n_kv_heads)
+        state[minift_name(name)] = array
+    return state
+
+
+def load_gguf(path: str | Path):
+    """-> (LlamaForCausalLM, tokenizer) from a llama-architecture GGUF file."""
+    from minift.models import LlamaForCausalLM  # noqa: PLC0415
+
+    file = read_gguf(path)
+    config = config_from_metadata(file.metadata, file.tensors)
+    state = state_dict_from_gguf(file, config)
+    model = LlamaForCausalLM(config)
+    try:
+        model.load_state_dict(state)
+    except (KeyError, ValueError) as exc:
+        raise GGUFError(f"{path}: tensors do not fit the config in its metadata ({exc})") from None
+    return model, tokenizer_from_metadata(file.metadata)
+
+
+#: ``tokenizer.ggml.token_type`` value of control tokens (llama.cpp ``LLAMA_TOKEN_TYPE_CONTROL``).
+CONTROL_TOKEN = 3
+#: llama.cpp ``tokenizer.ggml.pre`` names -> minift pre-tokenizer names (``minift.data.bpe``).
+PRETOKENIZERS = {"smollm": "smollm", "gpt-2": "gpt2", "gpt2": "gpt2"}
+
+
+def tokenizer_from_metadata(metadata: dict):
+    """The ``BPETokenizer`` that the ``tokenizer.*`` metadata describes.
+
+    A GGUF carries its tokenizer: ``tokenizer.ggml.tokens`` (id = position, in GPT-2's byte
+    spelling), ``merges`` ("a b" strings, best first), ``token_type`` (3 = control), the eos/pad
+    ids and ``tokenizer.chat_template``. ``tokenizer.ggml.pre`` names the pre-tokenizer regex.
+    """
+    from minift.data.bpe import BPETokenizer  # noqa: PLC0415
+
+    model = metadata.get("tokenizer.ggml.model")
+    if model != "gpt2":
+        raise GGUFError(f"GGUF tokenizer {model!r} is not supported (minift reads byte-level BPE, 'gpt2')")
+    pre = metadata.get("tokenizer.ggml.pre", "gpt2")
+    if pre not in PRETOKENIZERS:
+        raise GGUFError(f"GGUF pre-tokenizer {pre!r} is not supported (known: {', '.join(PRETOKENIZERS)})")
+    tokens = _required(metadata, "tokenizer.ggml.tokens")
+    types = metadata.get("tokenizer.ggml.token_type", [])
+    special = [token for token, kind in zip(tokens, types) if kind == CONTROL_TOKEN]
+    return BPETokenizer(tokens, [tuple(m.split(" ")) for m in _required(metadata, "tokenizer.ggml.merges")],
+                        special, eos_id=int(_required(metadata, "tokenizer.ggml.eos_token_id")),
+                        pad_id=metadata.get("tokenizer.ggml.padding_token_id"),
+                        bos_id=metadata.get("tokenizer.ggml.bos_token_id"), pretokenizer=PRETOKENIZERS[pre],
+                        chat_template=metadata.get("tokenizer.chat_template"))
