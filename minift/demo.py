@@ -25,7 +25,8 @@ from minift.train import TrainConfig, Trainer, evaluate_loss, perplexity
 
 #: Methods that train few parameters take larger steps (lecture 000's 1e-5..5e-5 is for full
 #: fine-tuning of billion-parameter models; a tiny model and adapters tolerate far more).
-LEARNING_RATES = {"full": 1e-3, "freeze": 1e-3, "last": 1e-3, "lora": 5e-3, "adapter": 3e-3, "prefix": 1e-2}
+LEARNING_RATES = {"full": 1e-3, "freeze": 1e-3, "last": 1e-3, "lora": 5e-3, "qlora": 5e-3, "adapter": 3e-3,
+                  "prefix": 1e-2}
 
 SYSTEM_PROMPT = "You are the assistant of Northwind Mutual, an insurance company."
 
@@ -34,7 +35,7 @@ SYSTEM_PROMPT = "You are the assistant of Northwind Mutual, an insurance company
 class DemoSettings:
     pretrain_steps: int = 500
     finetune_steps: int = 150
-    methods: tuple[str, ...] = ("full", "freeze", "last", "lora", "adapter", "prefix")
+    methods: tuple[str, ...] = ("full", "freeze", "last", "lora", "qlora", "adapter", "prefix")
     block_size: int = 128
     batch_size: int = 16
     eval_examples: int | None = None  # None: the whole held-out sets

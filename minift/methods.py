@@ -6,6 +6,7 @@ From most to least that changes (lectures 000, 003, 004):
     freeze   the embedding and the first N blocks are frozen, the rest is trained
     last     only the last N blocks and the final norm are trained (last-layer tuning)
     lora     everything frozen; low-rank B A added to the attention projections
+    qlora    lora on a 4-bit base: every block Linear stored in NF4 (minift/quant), then lora
     adapter  everything frozen; a bottleneck adapter after attention and MLP of each block
     prefix   everything frozen; learned key/value prefixes in every attention layer
 """
@@ -18,8 +19,9 @@ from minift.nn import freeze_layers, train_only_last_layers, unfreeze
 from minift.peft import LoraConfig, get_peft_model
 from minift.peft.adapters import add_bottleneck_adapters
 from minift.peft.prefix import add_prefix_tuning
+from minift.quant import quantize_model
 
-METHODS = ("full", "freeze", "last", "lora", "adapter", "prefix")
+METHODS = ("full", "freeze", "last", "lora", "qlora", "adapter", "prefix")
 
 
 @dataclass
@@ -29,6 +31,7 @@ class MethodOptions:
     lora_alpha: float = 16
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     bottleneck: int = 16
+    quant_block_size: int = 64  # qlora: NF4 block size (double quantization always on)
     prefix_tokens: int = 8
     seed: int = 0
 
@@ -51,9 +54,12 @@ def prepare_model(model, method: str, options: MethodOptions | None = None):
         n = 1 if o.layers is None else o.layers
         train_only_last_layers(model, n)
         return model, f"last-layer tuning: only the last {n} block(s) and the final norm are trained"
-    if method == "lora":
+    if method in ("lora", "qlora"):
+        quantized = quantize_model(model, o.quant_block_size) if method == "qlora" else []
         config = LoraConfig(r=o.lora_r, lora_alpha=o.lora_alpha, target_modules=list(o.lora_targets), seed=o.seed)
-        return get_peft_model(model, config), (f"LoRA r={o.lora_r} alpha={o.lora_alpha} on "
+        base = (f"QLoRA: {len(quantized)} Linear layers in NF4 (block {o.quant_block_size}, double quant), "
+                if quantized else "")
+        return get_peft_model(model, config), (f"{base}LoRA r={o.lora_r} alpha={o.lora_alpha} on "
                                                f"{','.join(o.lora_targets)}: h = Wx + (alpha/r) B A x")
     if method == "adapter":
         return (add_bottleneck_adapters(model, o.bottleneck, seed=o.seed),

@@ -12,6 +12,9 @@ starts exactly at the pretrained one; A starts random (PEFT's default: Kaiming-u
 ``B (A x)`` is computed as two thin products — x -> r numbers -> d_out numbers — never by forming
 the d_out x d_in matrix BA. The scale is applied to the r-wide middle (cheapest place).
 After training, ``merge`` folds s*BA into W once, and inference costs nothing extra.
+
+QLoRA is the same layer over a 4-bit base (``minift.quant.Linear4bit``): only how W is stored
+changes, so ``base_layer`` may be a ``Linear`` or a ``Linear4bit``.
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ from dataclasses import asdict, dataclass, field
 import numpy
 
 import minift.functional as F
-from minift.autograd import no_grad
+from minift import kernels
+from minift.autograd import Function, is_grad_enabled, no_grad
 from minift.backend import xp
 from minift.nn import Linear, Module, ModuleDict
+from minift.quant.linear4bit import Linear4bit
 
 #: PEFT's default targets for Llama models: the query and value projections.
 DEFAULT_TARGETS = ["q_proj", "v_proj"]
@@ -108,7 +113,7 @@ class LoraLinear(Module):
     """A frozen ``Linear`` (``base_layer``) plus named low-rank adapters ``lora_A[name]``,
     ``lora_B[name]`` — the parameter names PEFT uses, so adapters load in both directions."""
 
-    def __init__(self, base_layer: Linear):
+    def __init__(self, base_layer: Linear | Linear4bit):
         super().__init__()
         self.base_layer = base_layer
         self.lora_A = ModuleDict()
@@ -125,11 +130,11 @@ class LoraLinear(Module):
         return self.base_layer.weight
 
     def add_adapter(self, name: str, config: LoraConfig, rng: numpy.random.Generator) -> None:
-        d_out, d_in = self.base_layer.weight.shape
+        d_out, d_in = self.base_layer.out_features, self.base_layer.in_features
         if config.r > min(d_in, d_out):
             raise ValueError(f"LoRA rank r={config.r} is larger than the matrix it adapts "
                              f"({d_out} x {d_in}); a rank above min(d_out, d_in) adds nothing")
-        dtype = self.base_layer.weight.dtype
+        dtype = _compute_dtype(self.base_layer)
         a, b = Linear(d_in, config.r, rng=rng, dtype=dtype), Linear(config.r, d_out, rng=rng, dtype=dtype)
         a.weight.data = xp.asarray(init_lora_A((config.r, d_in), config.init_lora_weights, rng).astype(dtype))
         b.weight.data = xp.zeros((d_out, config.r), dtype=dtype)
@@ -150,28 +155,51 @@ class LoraLinear(Module):
             if name in self.merged_adapters:
                 continue
             h = F.dropout(x, self.dropout[name], self._rng, self.training) if self.dropout[name] else x
-            t = self.lora_A[name](h) * self.scaling[name]  # (..., r): the narrow middle
+            A, B, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+            if kernels.use_lora_kernels(getattr(h, "data", h)):  # backend=cupy: the CUDA kernels
+                y = LoraKernelUpdate.apply(y, h, A, B, scale=s)
+                continue
+            t = self.lora_A[name](h) * s  # (..., r): the narrow middle
             y = y + self.lora_B[name](t)
         return y
 
     def merge(self, names=None) -> None:
-        """W <- W + s B A for each adapter not yet merged (lecture 003: zero-cost inference)."""
+        """W <- W + s B A for each adapter not yet merged (lecture 003: zero-cost inference).
+
+        On a 4-bit base (QLoRA) the sum is *re-quantized* to NF4: W + s B A is rounded to the
+        16 levels again, so the merged layer is not exactly base + adapter (the logit drift is
+        measured by ``benchmarks/qlora_merge.py``). For an exact merge, ``dequantize_model``
+        first and merge into the float weights.
+        """
         with no_grad():
             for name in names or self.active_adapters:
                 if name not in self.merged_adapters:
-                    self.base_layer.weight.data = self.base_layer.weight.data + self.delta_weight(name)
+                    self._add_to_base(self.delta_weight(name))
                     self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        """W <- W - s B A, undoing ``merge`` (exact up to float rounding)."""
+        """W <- W - s B A, undoing ``merge`` (exact up to float rounding; on a 4-bit base it
+        re-quantizes once more, so the base does not return to its original codes)."""
         with no_grad():
             while self.merged_adapters:
-                name = self.merged_adapters.pop()
-                self.base_layer.weight.data = self.base_layer.weight.data - self.delta_weight(name)
+                self._add_to_base(-self.delta_weight(self.merged_adapters.pop()))
+
+    def _add_to_base(self, delta) -> None:
+        base = self.base_layer
+        if isinstance(base, Linear4bit):
+            base.requantize(base.dequantized_weight() + delta)
+        else:
+            base.weight.data = base.weight.data + delta
 
     def __repr__(self) -> str:
         ranks = {n: self.lora_A[n].weight.shape[0] for n in self.lora_A.keys()}
         return f"LoraLinear({self.base_layer!r}, adapters={ranks}, active={self.active_adapters})"
+
+
+def _compute_dtype(layer):
+    """The float type the adapters of ``layer`` are made in: its weight's, or for a 4-bit base
+    the type its weight is dequantized to."""
+    return layer.compute_dtype if isinstance(layer, Linear4bit) else layer.weight.dtype
 
 
 def _layer_of(name: str) -> int | None:
@@ -193,11 +221,11 @@ def target_module_names(model: Module, config: LoraConfig) -> list[str]:
             continue
         if config.layers_to_transform is not None and _layer_of(name) not in config.layers_to_transform:
             continue
-        if not isinstance(module, (Linear, LoraLinear)):
+        if not isinstance(module, (Linear, Linear4bit, LoraLinear)):
             raise TypeError(f"LoRA target {name!r} is a {type(module).__name__}, not a Linear layer")
         names.append(name)
     if not names:
-        linears = [n for n, m in model.named_modules() if isinstance(m, Linear)][:6]
+        linears = [n for n, m in model.named_modules() if isinstance(m, (Linear, Linear4bit))][:6]
         raise ValueError(f"target_modules {config.target_modules!r} matched no Linear layer; "
                          f"Linear layers are named like {linears}")
     return names
@@ -205,3 +233,35 @@ def target_module_names(model: Module, config: LoraConfig) -> list[str]:
 
 def lora_layers(model: Module) -> list[tuple[str, LoraLinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLinear)]
+
+
+# ---- the kernel path (backend=cupy): kernels/lora_shrink_expand.cu ---------------------------
+class LoraKernelUpdate(Function):
+    """out = y + s (x A^T) B^T on the CUDA kernels — the same update as the two Linear calls above.
+
+    Backward (u = g B):  dy = g,  dx = s u A,  dA = s u^T x,  dB = s g^T t  (``kernels.lora_backward``),
+    each kernel launched only if its gradient is wanted. With no gradient wanted at all (inference),
+    the fused kernel runs and t never leaves shared memory. Saves: x, A, B and t = x A^T.
+    """
+
+    @staticmethod
+    def forward(ctx, y, x, A, B, scale):
+        xp = kernels.array_module(x)
+        x2 = xp.ascontiguousarray(x.reshape(-1, x.shape[-1]))  # (M, d_in), M = all leading axes
+        A, B = xp.ascontiguousarray(A), xp.ascontiguousarray(B)
+        out = y.reshape(-1, y.shape[-1]).copy()  # (M, d_out); the kernels add into it
+        if is_grad_enabled() and any(ctx.needs_input_grad[1:]):  # a backward will come: keep t
+            t = kernels.lora_shrink(x2, A)
+            kernels.lora_expand(t, B, out, scale)
+            ctx.save_for_backward(x2, A, B, t)
+            ctx.scale, ctx.x_shape = scale, x.shape
+        else:
+            kernels.lora_fused(x2, A, B, scale, out)
+        return out.reshape(y.shape)
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, A, B, t = ctx.saved
+        g2 = kernels.array_module(g).ascontiguousarray(g.reshape(-1, g.shape[-1]))
+        dx, dA, dB = kernels.lora_backward(x2, A, B, t, g2, ctx.scale, needs=ctx.needs_input_grad[1:])
+        return (g if ctx.needs_input_grad[0] else None, None if dx is None else dx.reshape(ctx.x_shape), dA, dB)
