@@ -215,3 +215,103 @@ def bool_masks(shape):
 def ids(high: int, shape):
     """Integer ids in [0, high) (targets, token ids), repeats allowed."""
     return hnp.arrays(np.int64, shape, elements=st.integers(0, high - 1))
+
+
+# ---- multi-LoRA serving (tests/serve) -------------------------------------------------------
+@st.composite
+def serving_requests(draw, names, vocab_size: int, max_prompt: int, max_new: int, max_requests: int = 5):
+    """[(prompt ids, adapter name or None for the base model, max_tokens)]: a mixed batch with
+    prompts of different lengths (size 1 included) and repeated adapters."""
+    mix = []
+    for _ in range(draw(st.integers(1, max_requests))):
+        prompt = draw(st.lists(st.integers(0, vocab_size - 1), min_size=1, max_size=max_prompt))
+        mix.append((prompt, draw(st.sampled_from([None, *names])), draw(st.integers(1, max_new))))
+    return mix
+
+
+# ---- CUDA kernels (tests/kernels) -----------------------------------------------------------
+#: Values that break careless kernels: signed zeros, huge magnitudes (1e9: a product of four of
+#: them, 1e36, still fits in float32, so the float64 reference stays comparable), subnormals.
+KERNEL_SPECIAL_VALUES = (0.0, -0.0, 1e9, -1e9, 3.5e8, 1e-40, -1e-40, 1.4e-45, 2.0**-126)
+
+
+@st.composite
+def kernel_arrays(draw, shape):
+    """float32 arrays for kernel tests: N(0, 1) values, all zeros, or with 10% / 50% of the entries
+    replaced by zeros or by ``KERNEL_SPECIAL_VALUES``. Drawn from a seed: fast at any size."""
+    rng = np.random.default_rng(draw(seeds))
+    mix = draw(st.sampled_from(["normal", "all_zero", "zeros", "specials"]))
+    if mix == "all_zero":
+        return np.zeros(shape, dtype=np.float32)
+    a = rng.normal(size=shape).astype(np.float32)
+    if mix != "normal":
+        hit = rng.random(shape) < draw(st.sampled_from([0.1, 0.5]))
+        pool = [0.0, -0.0] if mix == "zeros" else KERNEL_SPECIAL_VALUES
+        a[hit] = rng.choice(np.asarray(pool, dtype=np.float32), size=int(hit.sum()))
+    return a
+
+
+@st.composite
+def lora_shapes(draw, max_outputs: int = 192):
+    """(M, K, N, R): M = 1 often, sizes that are no multiple of a tile (16, 32, 256), ranks 1..64.
+    M * R is kept <= ``max_outputs`` so that the emulated grids stay small."""
+    R = draw(st.one_of(st.sampled_from([1, 2, 8, 16, 33, 64]), st.integers(1, 64)))
+    M = draw(st.one_of(st.just(1), st.integers(1, max(1, max_outputs // R))))
+    K = draw(st.one_of(st.sampled_from([1, 31, 32, 33]), st.integers(1, 96)))
+    N = draw(st.one_of(st.sampled_from([1, 255, 257]), st.integers(1, 80)))
+    return M, K, N, R
+
+
+@st.composite
+def adapter_indices(draw, rows: int, n_adapters: int):
+    """int32 adapter index per row, in the patterns a serving batch has: every row the same adapter,
+    every row a different one, no adapter at all (-1), or a random mix with -1 rows."""
+    pattern = draw(st.sampled_from(["same", "all_different", "none", "mixed"]))
+    if pattern == "same":
+        idx = [draw(st.integers(0, n_adapters - 1))] * rows
+    elif pattern == "all_different":
+        idx = [i % n_adapters for i in draw(st.permutations(range(rows)))]
+    elif pattern == "none":
+        idx = [-1] * rows
+    else:
+        idx = draw(st.lists(st.integers(-1, n_adapters - 1), min_size=rows, max_size=rows))
+    return np.asarray(idx, dtype=np.int32)
+
+
+# ---- 4-bit quantization (tests/quant) -------------------------------------------------------
+#: bitsandbytes' 4-bit block sizes (minift.quant.nf4.BLOCK_SIZES, repeated so strategies stay import-light).
+QUANT_BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+@st.composite
+def quant_inputs(draw, max_values: int = 8192):
+    """(x float32, blocksize): a whole number of blocks of a bitsandbytes block size, shaped 1-D or
+    (rows, cols) with odd and size-1 sides, values N(0, sigma) with sigma from 1e-4 to 1e4, and
+    blocks replaced by the cases that break careless quantizers: all zeros, one huge value (1e30)
+    among small ones, all one value (ties), and subnormal magnitudes (1e-40)."""
+    blocksize = draw(st.sampled_from([b for b in QUANT_BLOCK_SIZES if b <= max_values]))
+    n_blocks = draw(st.integers(1, max(1, max_values // blocksize)))
+    n = n_blocks * blocksize
+    shape = (n,)
+    if draw(st.booleans()):
+        cols = draw(st.sampled_from([d for d in range(1, min(n, 4096) + 1) if n % d == 0]))
+        shape = (n // cols, cols)
+    rng = np.random.default_rng(draw(seeds))
+    blocks = (rng.standard_normal(n) * 10.0 ** draw(st.integers(-4, 4))).astype(np.float32).reshape(-1, blocksize)
+    for b in range(n_blocks):
+        kind = draw(st.sampled_from(["normal", "normal", "zeros", "huge", "constant", "subnormal"]))
+        if kind == "zeros":
+            blocks[b] = 0
+        elif kind == "huge":
+            blocks[b, rng.integers(blocksize)] = np.float32(1e30) * rng.choice([-1, 1])
+        elif kind == "constant":
+            blocks[b] = blocks[b, 0]
+        elif kind == "subnormal":
+            blocks[b] = np.float32(1e-40) * rng.integers(-3, 4, blocksize)
+    return blocks.reshape(shape), blocksize
+
+
+def nibbles(max_pairs: int = 64):
+    """Even-length uint8 arrays of 4-bit codes 0..15."""
+    return st.integers(1, max_pairs).flatmap(
+        lambda pairs: hnp.arrays(np.uint8, (2 * pairs,), elements=st.integers(0, 15)))
