@@ -37,11 +37,13 @@ from dataclasses import dataclass
 
 import numpy
 
+from minift.data import DataLoader
 from minift.methods import MethodOptions, prepare_model
 from minift.models import LlamaConfig
 from minift.nn import Module
 from minift.quant import Linear4bit
-from minift.quant.nf4 import DOUBLE_QUANT_BLOCKSIZE, _dynamic_lut
+from minift.quant.nf4 import DOUBLE_QUANT_BLOCKSIZE, dynamic_lut
+from minift.train import TrainConfig, Trainer, causal_lm_loss
 
 ROWS = ("weights fp32", "weights nf4 codes", "weights nf4 state", "gradients", "optimizer state",
         "activations", "peak")
@@ -106,14 +108,14 @@ def _frozen_blocks(c: LlamaConfig, method: str, o: MethodOptions) -> int:
 def trainable_count(c: LlamaConfig, method: str, o: MethodOptions) -> int:
     """Parameters that get a gradient and optimizer state under ``method``."""
     counts = parameter_counts(c)
-    if method in ("lora", "qlora"):
-        return lora_parameter_count(c, o)
-    per_block = (counts["linear"] + counts["bias"]) // c.n_layers + 2 * c.dim
-    blocks = c.n_layers - _frozen_blocks(c, method, o)
-    head = 0 if c.tie_embeddings or method == "last" else c.vocab_size * c.dim
     if method == "full":
         return sum(counts.values())
-    return blocks * per_block + c.dim + head
+    if method in ("lora", "qlora"):
+        return lora_parameter_count(c, o)
+    per_block = (counts["linear"] + counts["bias"]) // c.n_layers + 2 * c.dim  # + its two norms
+    blocks = c.n_layers - _frozen_blocks(c, method, o)
+    head = 0 if c.tie_embeddings or method == "last" else c.vocab_size * c.dim  # an untied head
+    return blocks * per_block + c.dim + head  # + the final norm
 
 
 # ---- the rows --------------------------------------------------------------------------------
@@ -137,18 +139,21 @@ def weight_bytes(c: LlamaConfig, method: str, o: MethodOptions, p: Precision = M
 
 
 def block_activation_elements(c: LlamaConfig, seq: int, lora_extra: int = 0) -> int:
-    """Numbers one block keeps per token until backward has passed it (minift's graph):
+    """Numbers one block keeps per token until backward has passed it (minift's graph), with
+    C = dim, Cq = heads x head_dim, Ckv = kv_heads x head_dim, F = ffn_dim, H = heads, T = seq:
 
-        attention: norm output, q, k, v, q and k after RoPE, attention output, heads merged back
-                   into one (B, T, H*hd) array (a copy: the transposed view is not contiguous),
-                   o_proj output, residual sum                          6 C + 3 Ckv + ... = see below
-        scores:    the softmax probabilities P, H x T per token (the T^2 term)
-        mlp:       norm output, gate, up, silu(gate), silu * up, down, residual sum
-        norms:     1/rms of each row, for both norms
+        attention  norm output, o_proj output, residual sum                        3 C
+                   q, q after RoPE, attention output, heads merged back into
+                   one (B, T, Cq) array (a copy: the transposed view is strided)    4 Cq
+                   k, v, k after RoPE                                               3 Ckv
+        scores     the softmax probabilities P                                      H T
+        mlp        norm output, down output, residual sum                           3 C
+                   gate, up, silu(gate), silu(gate) * up                            4 F
+        norms      1/rms of each row, for both norms                                2
     """
     q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-    attention = c.dim + q + 2 * kv + q + kv + q + q + c.dim + c.dim
-    mlp = c.dim + 4 * c.ffn_dim + c.dim + c.dim
+    attention = 3 * c.dim + 4 * q + 3 * kv
+    mlp = 3 * c.dim + 4 * c.ffn_dim
     return attention + c.n_heads * seq + mlp + 2 + lora_extra
 
 
@@ -221,9 +226,7 @@ def _peak(rows: dict[str, int], activation_scratch: int, update_scratch: int) ->
 
 
 # ---- measuring a real step --------------------------------------------------------------------
-def _token_batches(c: LlamaConfig, batch: int, seq: int, seed: int):
-    from minift.data import DataLoader  # noqa: PLC0415 - data imports are heavy and only needed here
-
+def _token_batches(c: LlamaConfig, batch: int, seq: int, seed: int) -> DataLoader:
     rng = numpy.random.default_rng(seed)
     ids = rng.integers(0, c.vocab_size, (batch, seq + 1))
     examples = [{"input_ids": row[:-1], "labels": row[1:]} for row in ids]
@@ -239,11 +242,9 @@ def measure(model: Module, method: str, batch: int, seq: int, options: MethodOpt
     loss is computed, gradients just before ``optimizer.step()``, and the peak of the step.
     The storage split of the weights is read from the arrays' ``nbytes``.
     """
-    from minift.train import TrainConfig, Trainer, causal_lm_loss  # noqa: PLC0415 - only needed to measure
-
     c, o = model.config, options or MethodOptions()
     loader = _token_batches(c, batch, seq, seed)
-    _dynamic_lut()  # a shared table built once per process: not part of any model
+    dynamic_lut()  # a shared table built once per process: not part of any model
     seen: dict[str, int] = {}
 
     def current() -> int:
@@ -254,6 +255,7 @@ def measure(model: Module, method: str, batch: int, seq: int, options: MethodOpt
         seen["forward"] = current()
         return value
 
+    was_tracing = tracemalloc.is_tracing()  # e.g. python -X tracemalloc: leave it running after
     tracemalloc.start()
     try:
         start = current()
@@ -275,7 +277,8 @@ def measure(model: Module, method: str, batch: int, seq: int, options: MethodOpt
         trainer.train_step()
         peak = tracemalloc.get_traced_memory()[1]
     finally:
-        tracemalloc.stop()
+        if not was_tracing:
+            tracemalloc.stop()
     rows = _weights_by_storage(prepared, weights)
     rows["gradients"] = seen["gradients"] - steady
     rows["optimizer state"] = steady - before_first

@@ -227,7 +227,7 @@ def nf4_codes(x, blocksize: int = DEFAULT_BLOCKSIZE):
 
 # ---- 8-bit quantization of the absmax values (double quantization) -----------------------------
 @functools.cache
-def _dynamic_lut() -> numpy.ndarray:
+def dynamic_lut() -> numpy.ndarray:
     """For each of the 65536 grid points g_i = -1 + 2i/65535 (float32): the nearest dynamic level."""
     i = numpy.arange(LUT_POINTS, dtype=numpy.float32)
     grid = numpy.float32(-1) + (numpy.float32(2) * i) / numpy.float32(LUT_POINTS - 1)
@@ -243,17 +243,20 @@ def quantize_dynamic_8bit(x, blocksize: int = DOUBLE_QUANT_BLOCKSIZE):
     and the code is the level nearest that point (a 64K-entry table). That is not always the
     level nearest s: near 0, where the dynamic levels are closer together than the grid step
     2/65535, and wherever s lies within 1/65535 of a midpoint between two levels. The error stays
-    below half the largest gap plus 1/65535. A group of zeros stores absmax2 = 0 and code 0.
+    below half the largest gap plus 1/65535 (times absmax2). A group of zeros stores absmax2 = 0
+    and code 0. As in the 4-bit path, 1/absmax2 is computed with absmax2 at least 1e-38;
+    bitsandbytes has no such floor, and a subnormal absmax2 makes its 1/absmax2 infinite (its
+    codes for such a group are then meaningless; minift's are off by at most absmax2 < 1.2e-38).
     -> (codes uint8, absmax2 float32).
     """
     x = xp.asarray(x, dtype=xp.float32).reshape(-1)
     padded = xp.concatenate([x, xp.zeros((-x.size) % blocksize, dtype=xp.float32)])
     groups = padded.reshape(-1, blocksize)
     absmax2 = xp.abs(groups).max(axis=1)
-    inverse = xp.float32(1) / xp.where(absmax2 == 0, xp.float32(1), absmax2)
+    inverse = xp.float32(1) / xp.maximum(absmax2, TINY_ABSMAX)
     scaled = xp.clip(groups * inverse[:, None], -1, 1)
     point = ((scaled + xp.float32(1)) * xp.float32(0.5) * xp.float32(LUT_POINTS - 1) + xp.float32(0.5))
-    codes = xp.asarray(_dynamic_lut())[point.astype(xp.uint16)]
+    codes = xp.asarray(dynamic_lut())[point.astype(xp.uint16)]
     codes[absmax2 == 0] = 0
     return codes.reshape(-1)[: x.size], absmax2
 
