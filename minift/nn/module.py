@@ -97,7 +97,12 @@ class Module:
 
     # ---- counting and modes ---------------------------------------------------------------
     def num_parameters(self, trainable_only: bool = False) -> int:
-        return sum(p.size for p in self.parameters(trainable_only))
+        """Numbers in the model (or only the trainable ones). Weights stored outside Parameters —
+        a 4-bit layer's codes — count through the layer's ``num_frozen_weights``."""
+        count = sum(p.size for p in self.parameters(trainable_only))
+        if not trainable_only:
+            count += sum(getattr(m, "num_frozen_weights", 0) for _, m in self.named_modules())
+        return count
 
     def train(self, mode: bool = True) -> Module:
         for _, module in self.named_modules():

@@ -100,6 +100,13 @@ class Linear4bit(Module):
         return self.quant_state.blocksize
 
     @property
+    def num_frozen_weights(self) -> int:
+        """The weights this layer stores in 4 bits: not Parameters, but part of the model's size
+        (``Module.num_parameters`` counts them, so QLoRA's trainable % is not overstated)."""
+        out_features, in_features = self.quant_state.shape
+        return out_features * in_features
+
+    @property
     def double_quant(self) -> bool:
         return self.quant_state.nested
 

@@ -145,3 +145,18 @@ def test_a_loss_backpropagates_through_quantized_layers_to_the_embedding():
     F.cross_entropy(model(IDS).reshape(-1, 40), IDS.reshape(-1)).backward()
     assert model.model.embed_tokens.weight.grad is not None
     assert np.isfinite(to_numpy(model.model.embed_tokens.weight.grad)).all()
+
+
+def test_a_quantized_model_still_counts_its_4bit_weights():
+    """trainable % of QLoRA must be measured against the whole model, 4-bit weights included."""
+    from minift.models import LlamaConfig, LlamaForCausalLM
+    from minift.peft import LoraConfig, get_peft_model
+    from minift.quant import quantize_model
+
+    config = LlamaConfig(vocab_size=32, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128)
+    total = LlamaForCausalLM(config).num_parameters()
+    quantized = LlamaForCausalLM(config)
+    assert quantize_model(quantized)  # in place; returns the names of the layers it replaced
+    assert quantized.num_parameters() == total
+    qlora = get_peft_model(quantized, LoraConfig(r=4))
+    assert qlora.num_parameters() == total + qlora.num_parameters(trainable_only=True)
