@@ -3,8 +3,10 @@
 Fine-tuning on a narrow domain (the bundled insurer questions) teaches the domain, and may
 erase what pretraining taught. We look at two things the fine-tuning data never shows:
 
-* **general QA accuracy** on ``general_qa.jsonl`` ("What is the capital of France?"), asked
-  through the chat template (``minift.evaluation.qa_accuracy``, chat mode, greedy);
+* **general QA accuracy** on ``general_qa.jsonl``, as greedy cloze completion ("The capital of
+  France is" -> " Paris", ``minift.evaluation.qa_accuracy``). Not chat mode: its check is that
+  the reply *starts with* the answer, and SmolLM2 replies in sentences ("The capital of France
+  is Paris."), which would score a model that knows as one that does not;
 * **perplexity on general text**, ``general_heldout.txt``: how surprised the model is by
   ordinary English.
 
@@ -32,7 +34,8 @@ from minift.train import TrainConfig, Trainer, evaluate_loss, perplexity
 #: laptop, SmolLM2 at those rates learns the domain a little and forgets nothing measurable.
 #: Six times higher, the forgetting shows within minutes. The new weights of LoRA, adapters and
 #: prefixes start at or near zero and take ten times larger steps than the pretrained ones.
-LEARNING_RATES = {"full": 3e-4, "freeze": 3e-4, "last": 3e-4, "lora": 3e-3, "adapter": 3e-3, "prefix": 1e-2}
+LEARNING_RATES = {"full": 3e-4, "freeze": 3e-4, "last": 3e-4, "lora": 3e-3, "qlora": 3e-3, "adapter": 3e-3,
+                  "prefix": 1e-2}
 
 
 @dataclass

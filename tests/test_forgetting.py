@@ -36,3 +36,10 @@ def test_cli_rejects_unknown_methods(capsys):
     assert main(["forgetting", "--methods", "full,magic", "--model", "nowhere"]) == 1
     assert "unknown method(s) magic" in capsys.readouterr().err
 
+
+
+def test_every_method_has_a_default_learning_rate():
+    from minift.forgetting import LEARNING_RATES
+    from minift.methods import METHODS
+
+    assert set(LEARNING_RATES) == set(METHODS)
