@@ -59,3 +59,15 @@ def test_malformed_jsonl_is_reported_with_file_and_line(pretrained, capsys):
 def test_missing_model_folder_is_a_clear_error(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "nothing"), "hi"]) == 1
     assert "not a minift model folder" in capsys.readouterr().err
+
+
+def test_threads_flag_limits_blas_threads_during_the_command(monkeypatch):
+    from threadpoolctl import threadpool_info
+
+    import minift.cli as cli
+
+    seen = []
+    monkeypatch.setattr(cli, "cmd_demo", lambda args: seen.append({i["num_threads"] for i in threadpool_info()}))
+    assert cli.main(["demo"]) == 0  # the demo's default: one BLAS thread
+    assert cli.main(["--threads", "2", "demo"]) == 0
+    assert seen == [{1}, {2}]
