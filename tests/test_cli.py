@@ -64,7 +64,7 @@ def test_missing_model_folder_is_a_clear_error(tmp_path, capsys):
 def test_threads_flag_limits_blas_threads_during_the_command(monkeypatch):
     from threadpoolctl import threadpool_info
 
-    import minift.cli as cli
+    from minift import cli
 
     seen = []
     monkeypatch.setattr(cli, "cmd_demo", lambda args: seen.append({i["num_threads"] for i in threadpool_info()}))
