@@ -21,11 +21,23 @@ from __future__ import annotations
 
 import numpy
 
+from minift import kernels
 from minift.autograd.elementwise import ShapeError, counted_matmul
 from minift.autograd.function import Function
 from minift.nn import Linear, Module, Parameter
 from minift.quant.nf4 import DEFAULT_BLOCKSIZE, dequantize_nf4, quantize_nf4
 
+
+def on_gpu(array) -> bool:
+    return kernels.is_cupy_array(array)
+
+
+def dequantize(packed, state, dtype):
+    """NF4 codes -> float weight: the CUDA kernel (kernels/nf4_dequant.cu) when the codes live on
+    a GPU, else the NumPy reference ``dequantize_nf4`` — the two agree bit for bit."""
+    if on_gpu(packed) and numpy.dtype(dtype) in (numpy.float32, numpy.float16):
+        return kernels.dequantize_nf4(packed, state, dtype=dtype)
+    return dequantize_nf4(packed, state, dtype=dtype)
 
 class NF4Linear(Function):
     """y = x W^T + b with W held as NF4 codes (``packed``, ``state``) and dequantized on the fly.
@@ -43,7 +55,7 @@ class NF4Linear(Function):
             raise ShapeError(f"linear4bit: input of shape {x.shape} does not fit a weight of shape "
                              f"{state.shape} (expected last input axis = {in_features})")
         ctx.packed, ctx.state = packed, state
-        w = dequantize_nf4(packed, state, dtype=x.dtype)  # temporary float W (out, in)
+        w = dequantize(packed, state, dtype=x.dtype)  # temporary float W (out, in)
         y = counted_matmul(x, w.T)
         del w
         if bias is not None:
@@ -55,7 +67,7 @@ class NF4Linear(Function):
         needs = ctx.needs_input_grad
         dx = None
         if needs[0]:
-            w = dequantize_nf4(ctx.packed, ctx.state, dtype=g.dtype)  # the same W, decoded again
+            w = dequantize(ctx.packed, ctx.state, dtype=g.dtype)  # the same W, decoded again
             dx = counted_matmul(g, w)
             del w
         grads = (dx,)
@@ -112,7 +124,7 @@ class Linear4bit(Module):
 
     def dequantized_weight(self, dtype=None):
         """A fresh float (out, in) array of W as the 4 bits encode it (``compute_dtype`` by default)."""
-        return dequantize_nf4(self.packed, self.quant_state, dtype=dtype or self.compute_dtype)
+        return dequantize(self.packed, self.quant_state, dtype=dtype or self.compute_dtype)
 
     def requantize(self, weight) -> None:
         """Store ``weight`` (out, in) in NF4 in place of the current one, with the same block size

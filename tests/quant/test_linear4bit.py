@@ -160,3 +160,24 @@ def test_a_quantized_model_still_counts_its_4bit_weights():
     assert quantized.num_parameters() == total
     qlora = get_peft_model(quantized, LoraConfig(r=4))
     assert qlora.num_parameters() == total + qlora.num_parameters(trainable_only=True)
+
+
+def test_on_a_gpu_the_layer_dequantizes_with_the_cuda_kernel(monkeypatch):
+    """With CuPy arrays Linear4bit calls kernels/nf4_dequant.cu. Pretend the codes live on a GPU:
+    the kernel then runs on the CPU emulator, and the layer's output must not change a bit."""
+    import numpy as np
+
+    from minift import kernels
+    from minift.autograd import Tensor
+    from minift.nn import Linear
+    from minift.quant import Linear4bit, linear4bit
+
+    layer = Linear4bit.from_linear(Linear(128, 64, rng=np.random.default_rng(0)))
+    x = Tensor(np.random.default_rng(1).normal(size=(3, 128)).astype(np.float32))
+    reference = layer(x).data
+    launched = []
+    real = kernels.dequantize_nf4
+    monkeypatch.setattr(linear4bit, "on_gpu", lambda a: True)
+    monkeypatch.setattr(kernels, "dequantize_nf4", lambda *a, **k: launched.append(1) or real(*a, **k))
+    np.testing.assert_array_equal(layer(x).data, reference)
+    assert launched == [1]
