@@ -33,8 +33,8 @@ SYSTEM_PROMPT = "You are the assistant of Northwind Mutual, an insurance company
 
 @dataclass
 class DemoSettings:
-    pretrain_steps: int = 500
-    finetune_steps: int = 150
+    pretrain_steps: int = 300
+    finetune_steps: int = 70
     methods: tuple[str, ...] = ("full", "freeze", "last", "lora", "qlora", "adapter", "prefix")
     block_size: int = 128
     batch_size: int = 16
@@ -154,15 +154,20 @@ def report(results: dict, questions: list[str], out_dir: Path) -> None:
 
 
 def report_delta(rows: list[dict], path: Path) -> None:
-    """LoRA's premise checked on this run: how low-rank is what full fine-tuning changed?"""
+    """LoRA's premise checked on this run: how low-rank is what full fine-tuning changed?
+    One line per kind of matrix (q_proj, ..., down_proj), averaged over the blocks."""
     ranks = sorted(rows[0]["captured"])
-    print("\nΔW = W_full - W_pretrained, per weight matrix (lecture 004's low-rank claim):")
-    print(f"{'matrix':>44} | {'shape':>9} | eff.rank(90%) | " + " | ".join(f"rank {r:>2}" for r in ranks))
+    kinds: dict[str, list[dict]] = {}
     for row in rows:
-        shares = " | ".join(f"{100 * row['captured'][r]:6.1f}%" for r in ranks)
-        shape = "x".join(map(str, row["shape"]))
-        print(f"{row['name']:>44} | {shape:>9} | {row['effective_rank_90']:>6} of {row['full_rank']:<4} | {shares}")
-    print("(rank r column: share of ||ΔW||² a rank-r LoRA update could reproduce at best — Eckart-Young)")
+        kinds.setdefault(row["name"].split(".")[-2], []).append(row)
+    print("\nΔW = W_full - W_pretrained, averaged over the blocks (lecture 004's low-rank claim):")
+    print(f"{'matrix':>10} | {'shape':>8} | eff.rank (90%) | " + " | ".join(f"rank {r:>2}" for r in ranks))
+    for kind, group in kinds.items():
+        eff = sum(r["effective_rank_90"] for r in group) / len(group)
+        shares = " | ".join(f"{100 * sum(r['captured'][k] for r in group) / len(group):6.1f}%" for k in ranks)
+        shape = "x".join(map(str, group[0]["shape"]))
+        print(f"{kind:>10} | {shape:>8} | {eff:6.1f} of {group[0]['full_rank']:<4} | {shares}")
+    print("(rank r: the largest share of ||ΔW||² a rank-r LoRA update could express — Eckart-Young)")
     plot_spectra(rows, path)
 
 
