@@ -69,7 +69,7 @@ def test_concurrent_requests_with_different_adapters_are_batched_and_match_their
         assert answer["usage"] == answer_alone["usage"]
         usage = answer["usage"]
         assert usage["prompt_tokens"] == len(body["prompt"])  # bytes
-        assert 1 <= usage["completion_tokens"] <= body["max_tokens"]
+        assert usage["completion_tokens"] >= 1 and usage["completion_tokens"] <= body["max_tokens"]
         assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
         assert answer["model"] == body["model"] and answer["object"] == "text_completion"
         assert answer["choices"][0]["finish_reason"] in ("stop", "length")
