@@ -259,6 +259,15 @@ def _add_training_flags(p) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
 
 
+def _add_sampling_flags(p, max_new_tokens: int) -> None:
+    """How generated tokens are chosen (``minift.models.generate``): greedy at temperature 0."""
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int, default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minift", description="LLM fine-tuning from scratch, in NumPy.")
     parser.add_argument("--threads", type=int, help="BLAS threads for matrix products (default: the BLAS "
@@ -296,21 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--chat", action="store_true")
     p.add_argument("--system")
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--seed", type=int, default=0)
+    _add_sampling_flags(p, max_new_tokens=100)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="an interactive chat with a model (e.g. --model smollm2)")
     p.add_argument("--model", required=True)
     p.add_argument("--system", help="system prompt (default: the model's own, if its template has one)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--seed", type=int, default=0)
+    _add_sampling_flags(p, max_new_tokens=200)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("fetch", help="download a pretrained model into the cache ($MINIFT_CACHE)")
