@@ -28,6 +28,7 @@ from pathlib import Path
 
 from threadpoolctl import threadpool_limits
 
+from minift.allocator import keep_freed_memory
 from minift.data import ByteTokenizer, DataLoader, InstructionDataset, TextDataset, bundled_path
 from minift.hub import FetchError
 from minift.io import save_model
@@ -377,6 +378,7 @@ def _add_serving_flags(p) -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     threads = args.threads if args.threads is not None else DEFAULT_THREADS.get(args.command)
+    keep_freed_memory()  # long runs reuse freed arrays instead of page-faulting fresh ones in
     try:
         with threadpool_limits(threads):  # None: leave the BLAS library's own choice
             args.func(args)

@@ -31,6 +31,7 @@ import numpy
 from tqdm.auto import tqdm
 
 import minift.functional as F
+from minift.allocator import keep_freed_memory
 from minift.autograd import no_grad
 from minift.backend import xp
 from minift.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -116,6 +117,7 @@ class Trainer:
     def __init__(self, model, config: TrainConfig, train_loader, eval_loader=None, loss_fn=causal_lm_loss):
         self.model, self.config, self.loss_fn = model, config, loss_fn
         self.train_loader, self.eval_loader = train_loader, eval_loader
+        keep_freed_memory()  # each step reuses the last step's activation memory (minift/allocator.py)
         named = list(model.named_parameters(trainable_only=True))
         if not named:
             raise TrainingError("the model has no trainable parameter: everything is frozen")
