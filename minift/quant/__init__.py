@@ -12,9 +12,11 @@ from minift.quant.nf4 import (
     QuantState,
     bits_per_parameter,
     dequantize_nf4,
+    dequantize_nf4_by_byte,
     normal_float_codebook,
     quantize_nf4,
 )
 
 __all__ = ["BLOCK_SIZES", "Linear4bit", "NF4_CODE", "QuantState", "bits_per_parameter", "dequantize_model",
-           "dequantize_nf4", "normal_float_codebook", "quantize_model", "quantize_nf4"]
+           "dequantize_nf4", "dequantize_nf4_by_byte",
+           "normal_float_codebook", "quantize_model", "quantize_nf4"]

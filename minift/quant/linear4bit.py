@@ -25,7 +25,7 @@ from minift import kernels
 from minift.autograd.elementwise import ShapeError, counted_matmul
 from minift.autograd.function import Function
 from minift.nn import Linear, Module, Parameter
-from minift.quant.nf4 import DEFAULT_BLOCKSIZE, dequantize_nf4, quantize_nf4
+from minift.quant.nf4 import DEFAULT_BLOCKSIZE, dequantize_nf4_by_byte, quantize_nf4
 
 
 def on_gpu(array) -> bool:
@@ -34,10 +34,11 @@ def on_gpu(array) -> bool:
 
 def dequantize(packed, state, dtype):
     """NF4 codes -> float weight: the CUDA kernel (kernels/nf4_dequant.cu) when the codes live on
-    a GPU, else the NumPy reference ``dequantize_nf4`` — the two agree bit for bit."""
+    a GPU, else ``dequantize_nf4_by_byte`` (the table-per-byte twin of the plain
+    ``dequantize_nf4``) — all three agree bit for bit."""
     if on_gpu(packed) and numpy.dtype(dtype) in (numpy.float32, numpy.float16):
         return kernels.dequantize_nf4(packed, state, dtype=dtype)
-    return dequantize_nf4(packed, state, dtype=dtype)
+    return dequantize_nf4_by_byte(packed, state, dtype=dtype)
 
 class NF4Linear(Function):
     """y = x W^T + b with W held as NF4 codes (``packed``, ``state``) and dequantized on the fly.
@@ -56,7 +57,7 @@ class NF4Linear(Function):
                              f"{state.shape} (expected last input axis = {in_features})")
         ctx.packed, ctx.state = packed, state
         w = dequantize(packed, state, dtype=x.dtype)  # temporary float W (out, in)
-        y = counted_matmul(x, w.T)
+        y = counted_matmul(x.reshape(-1, in_features), w.T).reshape(*x.shape[:-1], out_features)
         del w
         if bias is not None:
             y += bias
@@ -68,7 +69,7 @@ class NF4Linear(Function):
         dx = None
         if needs[0]:
             w = dequantize(ctx.packed, ctx.state, dtype=g.dtype)  # the same W, decoded again
-            dx = counted_matmul(g, w)
+            dx = counted_matmul(g.reshape(-1, g.shape[-1]), w).reshape(*g.shape[:-1], w.shape[1])
             del w
         grads = (dx,)
         if len(needs) == 2:

@@ -20,6 +20,7 @@ from minift.quant.nf4 import (
     block_absmax,
     dequantize_dynamic_8bit,
     dequantize_nf4,
+    dequantize_nf4_by_byte,
     double_quantize,
     nf4_codes,
     normal_float_codebook,
@@ -155,6 +156,18 @@ def test_scaling_multiplies_by_the_float32_reciprocal_of_absmax():
 
 
 # ---- packing -------------------------------------------------------------------------------------
+@settings(max_examples=60, deadline=None)
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # 1e30 in float16, in both versions
+@given(quant_inputs(), st.booleans(), st.sampled_from([np.float32, np.float64, np.float16]))
+def test_the_byte_table_dequantization_equals_the_plain_one_bit_for_bit(case, double_quant, dtype):
+    x, blocksize = case
+    packed, state = quantize_nf4(x, blocksize, double_quant=double_quant)
+    plain = to_numpy(dequantize_nf4(packed, state, dtype=dtype))
+    by_byte = to_numpy(dequantize_nf4_by_byte(packed, state, dtype=dtype))
+    assert by_byte.dtype == plain.dtype == dtype and by_byte.shape == plain.shape == x.shape
+    assert by_byte.tobytes() == plain.tobytes()
+
+
 @settings(max_examples=50, deadline=None)
 @given(nibbles())
 def test_packing_round_trips_and_puts_the_first_code_in_the_high_nibble(codes):
