@@ -13,15 +13,14 @@ The rows (bytes):
     gradients     4 B per *trainable* parameter — frozen ones get none (principle 2, DESIGN.md)
     optimizer     AdamW's m and v: 8 B per trainable parameter
     activations   what the autograd graph keeps from the forward pass for the backward pass:
-                  every tensor that some recorded op takes as input or saves (per token and
-                  block, below), plus the attention probabilities (H x T per token per block)
+                  the arrays the recorded ops save (per token and block, below), including the
+                  attention probabilities (H x T per token per block)
     peak          weights + optimizer + max(activations + the largest temporary of one op,
                   gradients + the AdamW update's temporaries)
 
-LoRA keeps *more* activations than full fine-tuning in minift (each adapted projection holds its
-base output, the adapter output and their sum), yet needs far less memory: no gradients and no
-optimizer state for the frozen weights. QLoRA keeps LoRA's activations and shrinks the frozen
-weights 7.75x.
+LoRA keeps fewer activations than full fine-tuning (a frozen linear layer saves no input: its
+backward needs only W), and needs far less memory besides: no gradients and no optimizer state
+for the frozen weights. QLoRA keeps LoRA's activations and shrinks the frozen weights 7.75x.
 
 ``projection`` applies the same formulas to a big model in mixed precision (bf16 weights and
 gradients, fp32 master weights and Adam moments, gradient checkpointing) — the setting of
@@ -138,57 +137,64 @@ def weight_bytes(c: LlamaConfig, method: str, o: MethodOptions, p: Precision = M
     return {"weights fp32": p.weight * floats, "weights nf4 codes": counts["linear"] // 2, "weights nf4 state": state}
 
 
-def block_activation_elements(c: LlamaConfig, seq: int, lora_extra: int = 0) -> int:
-    """Numbers one block keeps per token until backward has passed it (minift's graph), with
-    C = dim, Cq = heads x head_dim, Ckv = kv_heads x head_dim, F = ffn_dim, H = heads, T = seq:
+def trained_linears(method: str, o: MethodOptions) -> tuple[str, ...]:
+    """The projections of a recorded block whose weight (or adapter) gets a gradient."""
+    if method in ("lora", "qlora"):
+        return tuple(o.lora_targets)
+    return ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-        attention  norm output, o_proj output, residual sum                        3 C
-                   q, q after RoPE, attention output, heads merged back into
-                   one (B, T, Cq) array (a copy: the transposed view is strided)    4 Cq
-                   k, v, k after RoPE                                               3 Ckv
-        scores     the softmax probabilities P                                      H T
-        mlp        norm output, down output, residual sum                           3 C
-                   gate, up, silu(gate), silu(gate) * up                            4 F
-        norms      1/rms of each row, for both norms                                2
+
+def block_activation_elements(c: LlamaConfig, seq: int, trained: tuple[str, ...], lora_r: int = 0) -> int:
+    """Numbers one block keeps per token until backward has passed it: exactly the arrays its ops
+    save (the graph links nodes, not tensors, so nothing else stays alive). With C = dim,
+    Cq = heads x head_dim, Ckv = kv_heads x head_dim, F = ffn_dim, H = heads, T = seq:
+
+        norms      each norm's input and its 1/rms: block input, residual sum   2 C + 2
+        attention  q and k after RoPE, v                                        Cq + 2 Ckv
+                   the softmax probabilities P                                  H T
+        swiglu     gate and up                                                  2 F
+        linears    the input of every linear whose weight or adapter trains (dW = g^T x
+                   needs x): norm output (q, k, v), merged heads (o),
+                   norm output (gate, up), swiglu output (down)               C, Cq, C, F
+        LoRA       per adapter, A x and its scaled copy (B's input)             2 r
+
+    A frozen linear keeps nothing: its backward needs only W, which is stored anyway.
     """
     q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-    attention = 3 * c.dim + 4 * q + 3 * kv
-    mlp = 3 * c.dim + 4 * c.ffn_dim
-    return attention + c.n_heads * seq + mlp + 2 + lora_extra
-
-
-def lora_activation_elements(c: LlamaConfig, o: MethodOptions) -> int:
-    """Extra numbers per token and block for LoRA: each adapted projection keeps its base output,
-    the adapter output and their sum (2 d_out more than one output), and A x and s A x (2 r)."""
-    shapes = projection_shapes(c)
-    return sum(2 * shapes[t][0] + 2 * o.lora_r for t in o.lora_targets)
+    inputs = {("q_proj", "k_proj", "v_proj"): c.dim, ("o_proj",): q, ("gate_proj", "up_proj"): c.dim,
+              ("down_proj",): c.ffn_dim}
+    saved_inputs = sum(size for names, size in inputs.items() if set(names) & set(trained))
+    lora = 2 * lora_r * len(trained) if lora_r else 0
+    return 2 * c.dim + 2 + q + 2 * kv + c.n_heads * seq + 2 * c.ffn_dim + saved_inputs + lora
 
 
 def activation_bytes(c: LlamaConfig, method: str, o: MethodOptions, batch: int, seq: int,
                      p: Precision = MINIFT) -> int:
     """Bytes the graph holds at the end of the forward pass (the loss computed)."""
-    extra = lora_activation_elements(c, o) if method in ("lora", "qlora") else 0
-    block = block_activation_elements(c, seq, extra)
+    lora_r = o.lora_r if method in ("lora", "qlora") else 0
+    block = block_activation_elements(c, seq, trained_linears(method, o), lora_r)
     recorded = c.n_layers - _frozen_blocks(c, method, o)
     if p.checkpointing:  # each block's input is kept; one block at a time is recomputed in backward
         blocks = recorded * c.dim + block
     else:
         blocks = recorded * block
-    head = 2 * c.dim + 1 + 2 * c.vocab_size  # first block input, final norm (out, 1/rms), logits, softmax
+    head_input = c.dim if method == "full" else 0  # the tied head's dW needs the final norm output
+    head = c.dim + 1 + head_input + c.vocab_size  # final norm (input, 1/rms), softmax probabilities
     rope = 2 * seq * c.head_dim  # cos and sin tables, shared by the layers
     return p.activation * (batch * seq * (blocks + head) + rope)
 
 
 def largest_temporary(c: LlamaConfig, method: str, batch: int, seq: int, p: Precision = MINIFT) -> int:
-    """Bytes of the biggest scratch one op allocates on top of what the graph keeps: the SiLU
-    backward (3 N x F), attention scores (3 B x H x T^2), the loss softmax (2 N x V) or, for QLoRA,
-    dequantizing the largest NF4 weight (codes, values and W: 9 B per weight in fp32)."""
+    """Bytes of the biggest scratch one op allocates on top of what the graph keeps: the SwiGLU
+    backward (5 N x F), attention scores (3 B x H x T^2), the logits beside the loss's
+    probabilities (N x V) or, for QLoRA, dequantizing the largest NF4 weight (W and the gathered
+    levels: 8 B per weight in fp32)."""
     n = batch * seq
-    candidates = [3 * n * c.ffn_dim, 3 * batch * c.n_heads * seq * seq, 2 * n * c.vocab_size]
+    candidates = [5 * n * c.ffn_dim, 3 * batch * c.n_heads * seq * seq, n * c.vocab_size]
     scratch = max(candidates) * p.activation
     if method == "qlora":
         largest = max(o_ * i for o_, i in projection_shapes(c).values())
-        scratch = max(scratch, (2 * p.weight + 1) * largest)
+        scratch = max(scratch, 2 * p.weight * largest)
     return scratch
 
 

@@ -130,19 +130,29 @@ class Function:
         if not record:
             return Tensor(out)
         result = Tensor(out, requires_grad=True)
-        result._node = Node(cls, ctx, tensors)
+        result._node = Node(cls, ctx, tuple(t.grad_target() for t in tensors), out.shape)
         return result
 
 
 class Node:
-    """An edge record in the graph: the Function, its saved context, and its input tensors."""
+    """A vertex of the graph: the Function that made a tensor, its saved context, and where the
+    gradient of each input goes.
 
-    __slots__ = ("function", "ctx", "inputs")
+    ``inputs[i]`` is the *node* that made input i, or the input tensor itself when it is a leaf
+    that requires a gradient (a parameter), or None for a constant. It is never an
+    intermediate tensor: the graph keeps exactly what the backward formulas saved, and an
+    activation nobody saved (the input of a frozen linear layer, the two operands of an add) is
+    freed as soon as the forward code drops it — as in PyTorch, whose graph links
+    ``grad_fn``s, not tensors. ``shape`` is the output's shape, to check the gradient against.
+    """
 
-    def __init__(self, function: type[Function], ctx: Context, inputs: tuple):
+    __slots__ = ("function", "ctx", "inputs", "shape")
+
+    def __init__(self, function: type[Function], ctx: Context, inputs: tuple, shape: tuple):
         self.function = function
         self.ctx = ctx
         self.inputs = inputs
+        self.shape = shape
 
     def run_backward(self, grad, release: bool = False):
         """dL/d(inputs) from dL/d(output); ``release``: the saved arrays are dropped afterwards."""

@@ -2,8 +2,8 @@
 
 A Tensor wraps ``data`` (a ``numpy.ndarray`` or ``cupy.ndarray``). A *leaf* tensor is one you
 made yourself (a weight, an input); if ``requires_grad`` is True, ``backward()`` leaves
-``dL/dleaf`` in its ``.grad``. A tensor made by an op remembers its ``_node`` (the op and its
-inputs) so the chain rule can be walked backwards.
+``dL/dleaf`` in its ``.grad``. A tensor made by an op remembers its ``_node`` (the op, what it
+saved, and the nodes or leaves its inputs came from) so the chain rule can be walked backwards.
 
 Gradients *accumulate*: a second ``backward()`` adds to ``.grad`` instead of replacing it (this
 is what makes gradient accumulation over micro-batches work). Clear them with the optimizer's
@@ -81,6 +81,13 @@ class Tensor:
         """Same values, cut from the graph (no gradient flows through the result)."""
         return Tensor(self.data)
 
+    def grad_target(self):
+        """Where a gradient for this tensor goes in the graph: the node that made it, the tensor
+        itself if it is a leaf that wants a gradient, or None (a constant)."""
+        if self._node is not None:
+            return self._node
+        return self if self.requires_grad else None
+
     def requires_grad_(self, flag: bool = True) -> Tensor:
         if not self.is_leaf:
             raise RuntimeError("requires_grad can only be changed on a leaf tensor")
@@ -114,32 +121,32 @@ class Tensor:
             if grad.shape != self.shape:
                 raise ValueError(f"backward(): grad shape {grad.shape} != tensor shape {self.shape}")
 
-        grads = {id(self): grad}
+        if self._node is None:  # a leaf: the gradient of itself with respect to itself
+            _accumulate(self, grad, set())
+            return
+        grads = {id(self._node): grad}
         given_to_leaves = set()  # ids of arrays already stored in some leaf's .grad
-        order = _reverse_topological_order(self)
-        for i, tensor in enumerate(order):
-            order[i] = None  # the walk no longer pins this tensor (nor, below, its inputs)
-            g = grads.pop(id(tensor), None)
+        order = _reverse_topological_order(self._node)
+        for i, vertex in enumerate(order):
+            order[i] = None  # the walk no longer pins this vertex (nor, below, its inputs)
+            g = grads.pop(id(vertex), None)
             if g is None:
                 continue
-            if tensor._node is None:
-                if tensor.grad is not None:
-                    tensor.grad = tensor.grad + g
-                else:  # ops may pass one array to several inputs (a + b): never share a .grad
-                    tensor.grad = g.copy() if id(g) in given_to_leaves else g
-                    given_to_leaves.add(id(tensor.grad))
+            if isinstance(vertex, Tensor):
+                _accumulate(vertex, g, given_to_leaves)
                 continue
-            node = tensor._node
-            inputs = node.inputs
-            input_grads = node.run_backward(g, release=not retain_graph)
+            inputs = vertex.inputs
+            input_grads = vertex.run_backward(g, release=not retain_graph)
             if not retain_graph:
-                node.release()
+                vertex.release()
             for parent, parent_grad in zip(inputs, input_grads, strict=True):
-                if parent_grad is None or not parent.requires_grad:
+                if parent_grad is None or parent is None:
+                    continue
+                if isinstance(parent, Tensor) and not parent.requires_grad:  # frozen after the forward
                     continue
                 if parent_grad.shape != parent.shape:
                     raise RuntimeError(
-                        f"{node.function.__name__}.backward gave a gradient of shape "
+                        f"{vertex.function.__name__}.backward gave a gradient of shape "
                         f"{parent_grad.shape} for an input of shape {parent.shape}"
                     )
                 key = id(parent)
@@ -148,8 +155,17 @@ class Tensor:
     # ---- operators (defined in ops modules, attached in minift/autograd/__init__.py) ---
 
 
-def _reverse_topological_order(root: Tensor) -> list[Tensor]:
-    """Tensors of the graph under ``root``, each before all of its inputs.
+def _accumulate(leaf: Tensor, g, given_to_leaves: set) -> None:
+    """Add ``g`` to ``leaf.grad`` (gradients accumulate until ``zero_grad``)."""
+    if leaf.grad is not None:
+        leaf.grad = leaf.grad + g
+    else:  # ops may pass one array to several inputs (a + b): never share a .grad
+        leaf.grad = g.copy() if id(g) in given_to_leaves else g
+        given_to_leaves.add(id(leaf.grad))
+
+
+def _reverse_topological_order(root: Node) -> list:
+    """The nodes and leaf tensors of the graph under ``root``, each before all of its inputs.
 
     Iterative depth-first search: a 30-layer model's graph is thousands of nodes deep, far past
     Python's recursion limit.
@@ -157,17 +173,17 @@ def _reverse_topological_order(root: Tensor) -> list[Tensor]:
     order, visited = [], set()
     stack = [(root, False)]
     while stack:
-        tensor, inputs_done = stack.pop()
+        vertex, inputs_done = stack.pop()
         if inputs_done:
-            order.append(tensor)
+            order.append(vertex)
             continue
-        if id(tensor) in visited:
+        if id(vertex) in visited:
             continue
-        visited.add(id(tensor))
-        stack.append((tensor, True))
-        if tensor._node is not None:
-            for parent in tensor._node.inputs:
-                if parent.requires_grad and id(parent) not in visited:
+        visited.add(id(vertex))
+        stack.append((vertex, True))
+        if isinstance(vertex, Node):
+            for parent in vertex.inputs:
+                if parent is not None and id(parent) not in visited:
                     stack.append((parent, False))
     order.reverse()
     return order

@@ -18,6 +18,7 @@ import pytest
 import minift.functional as F
 from minift import backend as B
 from minift.autograd import GraphFreedError, ShapeError, Tensor, enable_grad, no_grad, op_counts
+from minift.autograd.function import Node
 from minift.backend import to_numpy, xp
 
 
@@ -28,14 +29,14 @@ def leaf(shape, seed=0, requires_grad=True, dtype=np.float64):
 
 def graph_nodes(root):
     """Every Node under ``root`` (collected before backward, which unlinks them)."""
-    nodes, stack, seen = [], [root], set()
+    nodes, stack, seen = [], [root._node], set()
     while stack:
-        t = stack.pop()
-        if t._node is None or id(t) in seen:
-            continue
-        seen.add(id(t))
-        nodes.append(t._node)
-        stack.extend(t._node.inputs)
+        vertex = stack.pop()
+        if not isinstance(vertex, Node) or id(vertex) in seen:
+            continue  # a leaf tensor or a constant (None)
+        seen.add(id(vertex))
+        nodes.append(vertex)
+        stack.extend(vertex.inputs)
     return nodes
 
 
@@ -158,15 +159,29 @@ def test_backward_lets_go_of_intermediate_activations(backend):
     """
     x = leaf((4, 8))
     h = F.silu(x @ leaf((8, 8), 1))
-    probe = weakref.ref(h)
+    probe = weakref.ref(h.data)
     loss = F.sum(F.softmax(h) * h)
     del h
     gc.collect()
-    assert probe() is not None  # before backward the graph needs h
+    assert probe() is not None  # before backward the graph needs h (saved by the product)
     loss.backward()
     gc.collect()
     assert probe() is None, "the freed graph still holds an intermediate activation"
     assert x.grad is not None and np.isfinite(loss.item())
+
+
+def test_the_graph_keeps_only_what_backward_saved_not_every_intermediate(backend):
+    """An add saves no array, so its operand is freed as soon as the forward code drops it —
+    the graph links nodes, not tensors. The gradient still flows through it."""
+    x = leaf((4, 8))
+    a = x + 1.0
+    probe = weakref.ref(a.data)
+    loss = F.sum(a + 2.0)
+    del a
+    gc.collect()
+    assert probe() is None, "the graph pins an activation that no backward formula needs"
+    loss.backward()
+    assert np.array_equal(to_numpy(x.grad), np.ones((4, 8), dtype=np.float32))
 
 
 # ---- errors -------------------------------------------------------------------------------------
