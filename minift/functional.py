@@ -172,6 +172,11 @@ def silu(x):
     return _nn.SiLU.apply(x)
 
 
+def swiglu(gate, up):
+    """silu(gate) * up in one op (Llama's MLP); equal to ``silu(gate) * up``, with less memory."""
+    return _nn.SwiGLU.apply(gate, up)
+
+
 def gelu(x, approximate: str = "tanh"):
     if approximate not in ("tanh", "none"):
         raise ValueError(f"gelu: approximate must be 'tanh' or 'none', got {approximate!r}")

@@ -84,11 +84,17 @@ class CrossEntropy(Function):
         lowest, highest = int(xp.min(safe_targets, initial=0)), int(xp.max(safe_targets, initial=0))
         if lowest < 0 or highest >= logits.shape[1]:
             raise ValueError(f"cross_entropy: a target is outside the vocabulary [0, {logits.shape[1]})")
-        lse = _logsumexp(logits, axis=1)[:, 0]
+        # One N x V buffer for everything (at 512 tokens x 49k words that is 100 MB; the plain
+        # logsumexp + exp would make three): shift by the row max, exponentiate in place,
+        # normalise in place. With s = z - max(z): loss = log(sum(exp(s))) - s[t].
+        shifted = logits - logits.max(axis=1, keepdims=True)
         rows = xp.arange(logits.shape[0])
-        per_row = (lse - logits[rows, safe_targets]) * counted
+        picked = shifted[rows, safe_targets]
+        probs = xp.exp(shifted, out=shifted)
+        total = probs.sum(axis=1, keepdims=True)
+        per_row = (xp.log(total[:, 0]) - picked) * counted
+        probs /= total
         n_counted = int(counted.sum())
-        probs = xp.exp(logits - lse[:, None])
         ctx.save_for_backward(probs, safe_targets, counted)
         ctx.n_counted = n_counted
         return xp.asarray(per_row.sum() / max(n_counted, 1), dtype=logits.dtype)
@@ -183,6 +189,42 @@ class SiLU(Function):
         (x,) = ctx.saved
         s = 1 / (1 + xp.exp(-x))
         return (g * s * (1 + x * (1 - s)),)
+
+
+class SwiGLU(Function):
+    """y = silu(gate) * up, the gated product of Llama's MLP (Shazeer 2020), as one op.
+
+    With s = sigmoid(gate):
+        d_up   = g * silu(gate)
+        d_gate = g * up * s * (1 + gate (1 - s))
+    The same numbers as ``silu(gate) * up`` built from two ops (tests/autograd/test_gradcheck.py
+    checks both), but that pair saves three (B, T, ffn) arrays — gate, silu(gate) and up — and
+    makes two passes; this saves two and recomputes s in backward. In SmolLM2 at 4 x 128 tokens
+    that is 94 MB less memory per step. Saves: gate and up.
+    """
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        if gate.shape != up.shape:
+            raise ShapeError(f"swiglu: gate {gate.shape} and up {up.shape} must have the same shape")
+        ctx.save_for_backward(gate, up)
+        y = xp.exp(-gate)
+        y += 1
+        xp.divide(gate, y, out=y)  # silu(gate) = gate / (1 + exp(-gate))
+        y *= up
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        gate, up = ctx.saved
+        s = 1 / (1 + xp.exp(-gate))
+        silu = gate * s
+        d_up = g * silu if ctx.needs_input_grad[1] else None
+        d_gate = None
+        if ctx.needs_input_grad[0]:
+            silu += s * (1 - gate * s)  # -> d silu / d gate = s (1 + gate (1 - s))
+            d_gate = g * up * silu
+        return d_gate, d_up
 
 
 _SQRT_2_OVER_PI = math.sqrt(2 / math.pi)

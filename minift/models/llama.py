@@ -121,7 +121,8 @@ class LlamaAttention(Module):
 
 
 class LlamaMLP(Module):
-    """SwiGLU feed-forward (Shazeer 2020): down( silu(gate(x)) * up(x) )."""
+    """SwiGLU feed-forward (Shazeer 2020): down( silu(gate(x)) * up(x) ), the gated product as
+    one fused op (``F.swiglu``)."""
 
     def __init__(self, config: LlamaConfig, rng: numpy.random.Generator):
         super().__init__()
@@ -131,7 +132,7 @@ class LlamaMLP(Module):
         self.down_proj = Linear(config.ffn_dim, config.dim, **kw)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class LlamaBlock(Module):

@@ -387,6 +387,24 @@ def test_silu_and_gelu_tanh(backend, op, data):
     check_gradients(op, data.draw(S.arrays(data.draw(S.shapes()), -5.0, 5.0)), seed=data.draw(S.seeds))
 
 
+@gradcheck
+@given(data=st.data())
+def test_swiglu_fused_matches_finite_differences_and_the_two_op_version(backend, data):
+    shape = data.draw(S.shapes())
+    gate, up = data.draw(S.arrays(shape, -5.0, 5.0)), data.draw(S.arrays(shape))
+    requires = data.draw(requires_flags(2))
+    check_gradients(F.swiglu, gate, up, requires=requires, seed=data.draw(S.seeds))
+    fused = [Tensor(xp.asarray(a), requires_grad=True) for a in (gate, up)]
+    plain = [Tensor(xp.asarray(a), requires_grad=True) for a in (gate, up)]
+    g = xp.asarray(np.random.default_rng(0).standard_normal(shape))
+    y_fused, y_plain = F.swiglu(*fused), F.silu(plain[0]) * plain[1]
+    np.testing.assert_allclose(to_numpy(y_fused.data), to_numpy(y_plain.data), rtol=1e-12, atol=1e-12)
+    y_fused.backward(g)
+    y_plain.backward(g)
+    for a, b in zip(fused, plain):
+        np.testing.assert_allclose(to_numpy(a.grad), to_numpy(b.grad), rtol=1e-12, atol=1e-12)
+
+
 def _exact_gelu(x):
     """x * Phi(x) with the standard library's erf: the function GELU(approximate="none") means."""
     return 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
