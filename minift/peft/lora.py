@@ -168,7 +168,7 @@ class LoraLinear(Module):
 
         On a 4-bit base (QLoRA) the sum is *re-quantized* to NF4: W + s B A is rounded to the
         16 levels again, so the merged layer is not exactly base + adapter (the logit drift is
-        measured by ``benchmarks/qlora_merge.py``). For an exact merge, ``dequantize_model``
+        measured by ``minift.quant.merge.merge_drift``). For an exact merge, ``dequantize_model``
         first and merge into the float weights.
         """
         with no_grad():
