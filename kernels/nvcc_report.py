@@ -58,6 +58,7 @@ def nvcc_version(nvcc: str) -> str:
 
 def ptxas_log(nvcc: str, source: Path, archs=ARCHS, extra=()) -> str:
     """ptxas's verbose report for ``source`` compiled for ``archs`` (cached)."""
+    source = Path(source).resolve()  # nvcc runs in the file's folder: a relative path would point elsewhere
     text = source.read_text()
     key = hashlib.sha256("\0".join([text, nvcc_version(nvcc), *archs, *extra]).encode()).hexdigest()[:20]
     cache = Path(os.environ.get("MINIFT_CACHE") or Path.home() / ".cache" / "minift") / "nvcc" / f"{key}.log"

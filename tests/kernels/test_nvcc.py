@@ -6,6 +6,7 @@ Skips, saying why, only where nvcc is missing; no GPU is needed to compile.
 
 import importlib.util
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -58,3 +59,13 @@ extern "C" __global__ void pressure(const float* x, float* y) {
     log = nvcc_report.ptxas_log(NVCC, source, archs=("sm_80",), extra=("-maxrregcount=24",))
     (usage,) = nvcc_report.parse(log, source.name)
     assert usage.kernel == "pressure" and usage.spills and usage.spill_stores > 0
+
+
+def test_a_relative_source_path_compiles(tmp_path, monkeypatch):
+    """ptxas_log runs nvcc in the file's folder: a path relative to the caller's folder must still work."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "tiny.cu").write_text('extern "C" __global__ void tiny(float* y) { y[threadIdx.x] = 1.0f; }\n')
+    monkeypatch.setenv("MINIFT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    log = nvcc_report.ptxas_log(NVCC, Path("sub/tiny.cu"), archs=("sm_80",))
+    assert [u.kernel for u in nvcc_report.parse(log, "tiny.cu")] == ["tiny"]
