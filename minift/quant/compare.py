@@ -11,7 +11,7 @@ the levels are and what the scales are:
 int4 and NF4 spend their levels on [-absmax, absmax]; Q4_1 on [min, max] of the block, which fits
 a block that is not centred on 0, at the price of a second scale. For normally distributed
 weights NF4 puts more levels where most weights are (lecture 004), so at the same block size its
-error is lowest of the two absmax formats. ``error_table`` measures it; ``benchmarks/quant_error.py``
+error is lowest of the two absmax formats. ``error_table`` measures it; ``benchmarks/quant_study.py``
 prints it for random and real weights.
 
 These are small quantize + dequantize pairs for the study (NumPy, float32); Q4_1 follows
