@@ -90,7 +90,7 @@ def torch_steps(batch: int):
 
 def ops_per_step() -> int:
     """Recorded ops (Function.apply calls that build a node) in one minift step at B = 1."""
-    import minift.autograd.function as function
+    from minift.autograd import function
 
     count = [0]
     original = function.Function.apply.__func__
@@ -136,7 +136,7 @@ def main() -> None:
     result["minift"]["fixed_us_per_op"] = result["minift"]["fixed_s"] / ops * 1e6
     print(f"tiny Llama {SHAPE}, batches of B x {SEQ} tokens, one thread, median of {args.repeat}")
     print(f"{'B':>4}" + "".join(f"{side:>14}" for side in sides) + "   (ms per step)")
-    for i, b in enumerate(BATCHES):
+    for b in BATCHES:
         print(f"{b:4d}" + "".join(f"{result[s]['seconds'][b] * 1e3:14.2f}" for s in sides))
     for side in sides:
         r = result[side]

@@ -105,9 +105,9 @@ def _seconds(fn) -> float:
 
 # ---- one side, one method, in its own process ----------------------------------------------------
 def minift_step(method: str, ids, targets):
-    import minift.autograd.elementwise as elementwise
     import minift.functional as F
     from minift import load_pretrained
+    from minift.autograd import elementwise
     from minift.methods import MethodOptions, prepare_model
     from minift.optim import AdamW, clip_grad_norm_
 
@@ -247,18 +247,19 @@ def worker(side: str, method: str, allocator: str, threads: int, steps: int) -> 
 def run_in_fresh_process(args: list[str], threads: int) -> dict:
     env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
                MKL_NUM_THREADS=str(threads))
-    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env)
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def print_table(rows: list[dict], peak: float) -> None:
-    print(f"\nSmolLM2-135M, batch {BATCH}x{SEQ}, float32; MFU against a measured matmul peak of {peak:.0f} GFLOP/s")
+    print(f"\nSmolLM2-135M, batch {BATCH}x{SEQ}, float32; MFU against a measured matmul peak of "
+          f"{peak:.0f} GFLOP/s")
     print(f"{'method':7} {'side':7} {'allocator':18} {'median s':>9} {'tokens/s':>9} {'peak RSS MiB':>13} {'MFU':>6}")
     for row in rows:
-        print(f"{row['method']:7} {row['side']:7} {row['allocator']:18} {row['median_s']:9.2f} {row['tokens_per_s']:9.0f} "
-              f"{row['peak_rss_mib']:13.0f} {row['mfu']:6.1%}")
+        print(f"{row['method']:7} {row['side']:7} {row['allocator']:18} {row['median_s']:9.2f} "
+              f"{row['tokens_per_s']:9.0f} {row['peak_rss_mib']:13.0f} {row['mfu']:6.1%}")
 
 
 def plot(rows: list[dict], methods: list[str], path: Path) -> None:
@@ -271,7 +272,8 @@ def plot(rows: list[dict], methods: list[str], path: Path) -> None:
     series = [(side, alloc) for side in SIDES for alloc in ALLOCATORS]
     width = 0.8 / len(series)
     for i, (side, alloc) in enumerate(series):
-        chosen = [next(r for r in rows if (r["method"], r["side"], r["allocator"]) == (m, side, alloc)) for m in methods]
+        chosen = [next(r for r in rows if (r["method"], r["side"], r["allocator"]) == (m, side, alloc))
+                  for m in methods]
         xs = np.arange(len(methods)) + (i - (len(series) - 1) / 2) * width
         label = f"{'minift' if side == 'minift' else 'PyTorch'}, {alloc}"
         ax_time.bar(xs, [r["median_s"] for r in chosen], width, label=label)
@@ -309,7 +311,8 @@ def main() -> None:
         for allocator in ALLOCATORS:
             for side in SIDES:
                 row = run_in_fresh_process(["--worker", side, method, allocator, *common], args.threads)
-                print(f"  {method:6} {side:7} {allocator:18} {row['median_s']:.2f} s  peak RSS {row['peak_rss_mib']:.0f} MiB")
+                print(f"  {method:6} {side:7} {allocator:18} {row['median_s']:.2f} s  "
+                      f"peak RSS {row['peak_rss_mib']:.0f} MiB")
                 rows.append(row)
     needed = {r["method"]: r["needed_gflop"] for r in rows if "needed_gflop" in r}
     for row in rows:
@@ -318,7 +321,8 @@ def main() -> None:
     print_table(rows, peak)
     for method in args.methods:
         ours = next(r for r in rows if (r["method"], r["side"], r["allocator"]) == (method, "minift", ALLOCATORS[1]))
-        print(f"  {method}: minift ran {ours['executed_gflop']:.1f} GFLOP of matmuls, the step needs {needed[method]:.1f}")
+        print(f"  {method}: minift ran {ours['executed_gflop']:.1f} GFLOP of matmuls, "
+              f"the step needs {needed[method]:.1f}")
     RESULTS.mkdir(exist_ok=True)
     summary = {"date": date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
                f"{os.cpu_count()} cores, {args.threads} threads", "batch": f"{BATCH}x{SEQ}",
