@@ -172,29 +172,24 @@ def report_delta(rows: list[dict], path: Path) -> None:
 
 
 def plot_spectra(rows: list[dict], path: Path) -> None:
-    import matplotlib  # noqa: PLC0415
+    from matplotlib.figure import Figure  # noqa: PLC0415 - no pyplot: keeps the caller's backend
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    fig = Figure(figsize=(6.5, 3.6))
+    ax = fig.subplots()
     for row in rows:
         s = row["singular_values"]
         ax.semilogy(range(1, len(s) + 1), s / max(s[0], 1e-30), alpha=0.5)
     ax.set(xlabel="singular value index", ylabel="s_i / s_1 (log)", title="spectrum of ΔW after full fine-tuning")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def plot_results(results: dict, path: Path) -> None:
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    from matplotlib.figure import Figure  # noqa: PLC0415 - no pyplot: keeps the caller's backend
 
     names = list(results)
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig = Figure(figsize=(13, 3.6))
+    ax1, ax2, ax3 = fig.subplots(1, 3)
     ax1.bar(names, [results[n]["domain_loss"] for n in names], color="tab:blue")
     ax1.set(title="domain loss (lower = learned)", ylabel="nats / token")
     ax2.bar(names, [results[n]["general_ppl"] for n in names], color="tab:red")
@@ -205,4 +200,3 @@ def plot_results(results: dict, path: Path) -> None:
         ax.tick_params(axis="x", rotation=45)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

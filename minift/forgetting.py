@@ -117,16 +117,14 @@ def format_table(rows: list[dict]) -> str:
 
 def plot_forgetting(rows: list[dict], path: str | Path) -> Path:
     """Three bar charts side by side: domain loss (learning), QA accuracy and perplexity (forgetting)."""
-    import matplotlib  # noqa: PLC0415 - only needed when plotting
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    from matplotlib.figure import Figure  # noqa: PLC0415 - no pyplot: keeps the caller's backend
 
     names = [r["method"] for r in rows]
     panels = [("domain_loss", "insurer eval loss (lower = learned)"),
               ("qa_accuracy", "general QA accuracy (higher = kept)"),
               ("perplexity", "general-text perplexity (lower = kept)")]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig = Figure(figsize=(13, 3.8))
+    axes = fig.subplots(1, 3)
     for ax, (key, title) in zip(axes, panels):
         bars = ax.bar(names, [r[key] for r in rows], color=["tab:gray"] + ["tab:blue"] * (len(rows) - 1))
         ax.bar_label(bars, fmt="%.2f", fontsize=8)
@@ -135,7 +133,6 @@ def plot_forgetting(rows: list[dict], path: str | Path) -> Path:
         ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return Path(path)
 
 

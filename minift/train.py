@@ -278,13 +278,11 @@ class Trainer:
     # ---- pictures ---------------------------------------------------------------------
     def plot(self, path) -> Path:
         """Loss (train and eval) and learning rate against step, saved as a PNG."""
-        import matplotlib  # noqa: PLC0415 - only needed when plotting
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # noqa: PLC0415
+        from matplotlib.figure import Figure  # noqa: PLC0415 - no pyplot: keeps the caller's backend
 
         h = self.history
-        fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(10, 3.6))
+        fig = Figure(figsize=(10, 3.6))
+        ax_loss, ax_lr = fig.subplots(1, 2)
         ax_loss.plot(h.steps, h.losses, label="train")
         if h.eval_steps:
             ax_loss.plot(h.eval_steps, h.eval_losses, "o-", label="eval")
@@ -294,7 +292,6 @@ class Trainer:
         ax_lr.set(xlabel="step", ylabel="learning rate", title=f"{self.config.schedule} schedule")
         fig.tight_layout()
         fig.savefig(path, dpi=100)
-        plt.close(fig)
         return Path(path)
 
 

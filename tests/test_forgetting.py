@@ -43,3 +43,30 @@ def test_every_method_has_a_default_learning_rate():
     from minift.methods import METHODS
 
     assert set(LEARNING_RATES) == set(METHODS)
+
+
+def test_saving_a_plot_keeps_the_callers_matplotlib_backend(tmp_path):
+    """The PNG writers must not switch the process to Agg: in a notebook that silently ended inline plots."""
+    import matplotlib
+    import numpy as np
+
+    from minift.data import DataLoader, TextDataset
+    from minift.demo import plot_results, plot_spectra
+    from minift.forgetting import plot_forgetting
+    from minift.train import TrainConfig, Trainer
+
+    before = matplotlib.get_backend()
+    matplotlib.use("template")  # any backend other than Agg (a notebook has its inline one)
+    try:
+        row = {"method": "pretrained", "domain_loss": 3.0, "qa_accuracy": 0.5, "perplexity": 20.0}
+        plot_forgetting([row, {**row, "method": "full"}], tmp_path / "forgetting.png")
+        plot_results({"full": {"domain_loss": 2.0, "general_ppl": 9.0, "qa_accuracy": 0.4}}, tmp_path / "results.png")
+        plot_spectra([{"singular_values": np.array([3.0, 2.0, 1.0])}], tmp_path / "spectra.png")
+        text = TextDataset("minift keeps the backend. " * 8, TOK, 16)
+        Trainer(tiny(), TrainConfig(max_steps=1, progress=False, plot=False),
+                DataLoader(text, 2, pad_id=TOK.pad_id)).plot(tmp_path / "curves.png")
+        assert matplotlib.get_backend() == "template"
+        assert all((tmp_path / f"{name}.png").stat().st_size > 0 for name in ("forgetting", "results", "spectra",
+                                                                              "curves"))
+    finally:
+        matplotlib.use(before)
