@@ -174,8 +174,8 @@ def torch_step(method: str, ids, targets):
 
 def quantize_linears_with_bitsandbytes(model) -> None:
     """Swap every decoder linear layer for bitsandbytes' NF4 ``Linear4bit`` (double quant, block 64),
-    what ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-    bnb_4bit_use_double_quant=True)`` does; done by hand because that loader does not take GGUF files."""
+    the layers ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+    bnb_4bit_use_double_quant=True)`` would give, made by hand on the model loaded from the GGUF file."""
     import bitsandbytes as bnb
     import torch
 

@@ -315,10 +315,11 @@ def dequantize_nf4(packed, state: QuantState, dtype=None):
 
 
 @functools.lru_cache(maxsize=8)
-def _byte_pair_table(code_bytes: bytes):
-    """(256, 2) float32: byte b -> (code[b >> 4], code[b & 15]), the two weights one byte holds."""
+def _byte_pair_table(code_bytes: bytes) -> numpy.ndarray:
+    """(256, 2) float32 on the host: byte b -> (code[b >> 4], code[b & 15]), the two weights one
+    byte holds. Cached as NumPy so a later switch of backend never receives the other's array."""
     levels = numpy.frombuffer(code_bytes, dtype=numpy.float32)
-    return xp.asarray(numpy.stack([numpy.repeat(levels, 16), numpy.tile(levels, 16)], axis=1))
+    return numpy.stack([numpy.repeat(levels, 16), numpy.tile(levels, 16)], axis=1)
 
 
 def dequantize_nf4_by_byte(packed, state: QuantState, dtype=None):
@@ -332,7 +333,7 @@ def dequantize_nf4_by_byte(packed, state: QuantState, dtype=None):
     Counted in ``op_counts["nf4_dequantize"]`` like the plain version.
     """
     op_counts["nf4_dequantize"] += 1
-    pairs = _byte_pair_table(to_numpy(state.code).astype(numpy.float32).tobytes())
+    pairs = xp.asarray(_byte_pair_table(to_numpy(state.code).astype(numpy.float32).tobytes()))
     weight = xp.take(pairs, packed.reshape(-1), axis=0).reshape(-1, state.blocksize)
     weight *= block_absmax(state)[:, None]
     return weight.reshape(state.shape).astype(dtype or state.dtype, copy=False)
