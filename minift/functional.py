@@ -186,7 +186,7 @@ def gelu(x, approximate: str = "tanh"):
 def dropout(x, p: float, rng, training: bool = True):
     """Zero each element with probability ``p`` (and rescale the rest) when ``training``.
 
-    ``rng`` is an ``xp.random.Generator`` (for example ``numpy.random.default_rng(seed)``): the
+    ``rng`` is a ``numpy.random.Generator`` (``numpy.random.default_rng(seed)``, on either backend): the
     same seed gives the same masks, which keeps training runs reproducible and resumable.
     """
     if not 0 <= p < 1:

@@ -373,6 +373,7 @@ def dequantize_nf4(packed, state, dtype=None):
     """``minift.quant.nf4.dequantize_nf4`` on the kernels: (packed, QuantState) -> the weight, in
     ``dtype`` (float32 or float16; default the original dtype) and the original shape."""
     n, dtype = math.prod(state.shape), np.dtype(dtype or state.dtype)
+    op_counts["nf4_dequantize"] += 1  # counted as the NumPy path counts it: the same on either backend
     if state.nested:
         flat = nf4_dequantize_nested(packed, *_state_arrays(state)[:4], n, state.blocksize,
                                      state.state2.blocksize, dtype=dtype)

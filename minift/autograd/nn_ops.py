@@ -272,11 +272,13 @@ class Dropout(Function):
 
     Dividing by 1 - p keeps E[y] = x, so nothing changes at eval time when dropout is off.
     dx = g * m / (1 - p). Saves: the mask m (booleans).
+    ``rng`` is a NumPy generator: the mask is drawn on the host and copied to the array's
+    device, so one seed gives the same masks on NumPy and on CuPy.
     """
 
     @staticmethod
     def forward(ctx, x, *, p, rng):
-        keep = rng.random(x.shape) >= p
+        keep = xp.asarray(rng.random(x.shape) >= p)
         ctx.save_for_backward(keep)
         ctx.scale = 1 / (1 - p)
         return x * keep * xp.asarray(ctx.scale, dtype=x.dtype)

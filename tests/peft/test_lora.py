@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import minift.functional as F
 from minift.autograd import Tensor
-from minift.backend import to_numpy
+from minift.backend import asarray, to_numpy
 from minift.models import LlamaConfig, LlamaForCausalLM
 from minift.nn import Linear
 from minift.optim import AdamW
@@ -31,7 +31,7 @@ def randomize_lora_B(peft_model, seed=1):
     rng = np.random.default_rng(seed)
     for name, p in peft_model.named_parameters():
         if ".lora_B." in name:
-            p.data = rng.normal(0, 0.1, p.shape).astype(p.dtype)
+            p.data = asarray(rng.normal(0, 0.1, p.shape), dtype=p.dtype)
 
 
 def train_a_few_steps(model, steps=3):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import minift.functional as F
-from minift.backend import to_numpy
+from minift.backend import asarray, to_numpy
 from minift.methods import METHODS, MethodOptions, prepare_model
 from minift.models import LlamaConfig, LlamaForCausalLM
 from minift.optim import AdamW
@@ -39,7 +39,7 @@ def randomize_lora_B(peft_model, seed=1):
     rng = np.random.default_rng(seed)
     for name, p in peft_model.named_parameters():
         if ".lora_B." in name:
-            p.data = rng.normal(0, 0.05, p.shape).astype(p.dtype)
+            p.data = asarray(rng.normal(0, 0.05, p.shape), dtype=p.dtype)
 
 
 def test_at_init_qlora_logits_equal_the_quantized_base_bitwise(backend):
