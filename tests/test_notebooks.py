@@ -69,6 +69,31 @@ def test_notebook_runs_top_to_bottom(path, kernel_env):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs_unchanged_with_backend_cupy(path, kernel_env, monkeypatch):
+    """``MINIFT_BACKEND=cupy`` with the CuPy test double (``tests/cupy_double``) in place of CuPy.
+
+    No GPU here, so this cannot show GPU numerics or speed. It shows what breaks notebooks on a
+    GPU most often: every cell runs with device arrays that refuse implicit host conversion
+    (plots, ``numpy.testing``, ``json``), refuse mixing with NumPy arrays, and exist only for the
+    functions CuPy has; kernels launch through ``cupy.RawModule``.
+    """
+    nbformat = _require("nbformat")
+    nbclient = _require("nbclient")
+    double = ROOT / "tests" / "cupy_double"
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(double), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("MINIFT_BACKEND", "cupy")
+    if path.stem != "07_cuda_kernels":  # 07 is about the kernels: it runs them on the emulator
+        monkeypatch.setenv("CUPY_DOUBLE_KERNELS", "reference")  # elsewhere their NumPy math, 1000x faster
+    notebook = nbformat.read(path, as_version=4)
+    notebook.cells.append(nbformat.v4.new_code_cell(
+        "import cupy, minift.backend\n"
+        "assert minift.backend.get_backend() == 'cupy' and 'test double' in cupy.__version__"))
+    client = nbclient.NotebookClient(notebook, timeout=CELL_TIMEOUT_S, kernel_name=KERNEL_NAME,
+                                     resources={"metadata": {"path": str(NOTEBOOKS_DIR)}})
+    client.execute()
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_stored_notebook_is_executed_in_order_without_errors(path):
     nbformat = _require("nbformat")
     notebook = nbformat.read(path, as_version=4)
