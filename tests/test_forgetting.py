@@ -81,9 +81,9 @@ def test_a_smaller_learning_rate_forgets_less_on_smollm2(smollm2):
     """Lecture 000: a smaller learning rate moves the weights less, so general text stays familiar.
 
     Full fine-tuning of the real SmolLM2 on the insurer set, same batches, same 6 steps, at the
-    notebook-09 rate (5e-4) and a fifth of it. Measured 2026-11-23: held-out perplexity 53.4 ->
-    60.4 at 5e-4 and 53.4 -> 51.8 at 1e-4; the bar below is far from both. The smaller rate also
-    learns the domain less (a higher insurer loss): the trade-off, not a free lunch.
+    notebook-09 rate (5e-4) and a fifth of it. Notebook 09 measured held-out perplexity 53.4 ->
+    60.4 at 5e-4 and 53.4 -> 51.8 at 1e-4; the bars below are far from both. The smaller rate
+    also learns the domain less (a higher insurer loss): the trade-off, not a free lunch.
     """
     model, tok = smollm2
     settings = ForgettingSettings(steps=6, batch_size=2, ppl_blocks=6, progress=False)

@@ -11,6 +11,9 @@ threads made the same notebook up to ten times slower. The notebooks
 write only to a temporary folder and to ``notebooks/_runs/`` (git-ignored), where the toy
 pretrained model of notebooks 02-05 is trained once and then reused.
 
+Each notebook also runs a second time with ``MINIFT_BACKEND=cupy`` on the CuPy test double
+(``tests/cupy_double``, see ``tests/test_cupy_double.py``): what a learner with a GPU would run.
+
 Without the ``dev`` extra (nbclient, nbformat, ipykernel) these tests skip, except under CI
 (the ``CI`` environment variable is set), where a missing package is a failure.
 """
@@ -61,8 +64,12 @@ def test_the_course_has_its_notebooks():
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs_top_to_bottom(path, kernel_env):
     nbformat = _require("nbformat")
+    _execute(nbformat.read(path, as_version=4))
+
+
+def _execute(notebook) -> None:
+    """Run ``notebook`` (in memory) in the test kernel, from ``notebooks/``; raises on any error."""
     nbclient = _require("nbclient")
-    notebook = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(notebook, timeout=CELL_TIMEOUT_S, kernel_name=KERNEL_NAME,
                                      resources={"metadata": {"path": str(NOTEBOOKS_DIR)}})
     client.execute()  # raises CellExecutionError, with the cell and its traceback, on any error
@@ -78,7 +85,6 @@ def test_notebook_runs_unchanged_with_backend_cupy(path, kernel_env, monkeypatch
     functions CuPy has; kernels launch through ``cupy.RawModule``.
     """
     nbformat = _require("nbformat")
-    nbclient = _require("nbclient")
     double = ROOT / "tests" / "cupy_double"
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(double), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.setenv("MINIFT_BACKEND", "cupy")
@@ -88,9 +94,7 @@ def test_notebook_runs_unchanged_with_backend_cupy(path, kernel_env, monkeypatch
     notebook.cells.append(nbformat.v4.new_code_cell(
         "import cupy, minift.backend\n"
         "assert minift.backend.get_backend() == 'cupy' and 'test double' in cupy.__version__"))
-    client = nbclient.NotebookClient(notebook, timeout=CELL_TIMEOUT_S, kernel_name=KERNEL_NAME,
-                                     resources={"metadata": {"path": str(NOTEBOOKS_DIR)}})
-    client.execute()
+    _execute(notebook)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])

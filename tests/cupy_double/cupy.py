@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import types
 from pathlib import Path
 
@@ -228,8 +229,6 @@ def asnumpy(a, stream=None, order="C", out=None, *, blocking=True):
 
 
 def get_array_module(*args):
-    import sys  # noqa: PLC0415
-
     return sys.modules[__name__] if any(isinstance(a, ndarray) for a in args) else _np
 
 
