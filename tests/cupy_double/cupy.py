@@ -354,6 +354,8 @@ def _dim3(size) -> tuple[int, int, int]:
 # train with LoRA on "the GPU" launch thousands; with this setting the launch still goes through
 # RawModule with the kernel's own arguments, and writes what the kernel is specified to write
 # (the emulator tests check the kernels themselves against the same definitions).
+# The NF4 decoders are written out here rather than taken from minift.kernels_reference: those go
+# through minift.quant.nf4, which counts op_counts["nf4_dequantize"] and makes backend arrays.
 def _nf4_values(packed, absmax, n, blocksize):
     from minift.quant.nf4 import NF4_CODE  # noqa: PLC0415
 
@@ -383,25 +385,29 @@ def _gemv(packed, absmax, x, y, N, K, blocksize):
 
 
 def _shrink(x, A, t, M, K, R):
-    t[...] = x @ A.T
+    t[...] = _ref().lora_shrink(x, A)
 
 
 def _expand(t, B, y, M, N, R, scale, accumulate):
-    y[...] = (y if accumulate else 0) + scale * (t @ B.T)
+    y[...] = _ref().lora_expand(t, B, y, float(scale), accumulate=bool(accumulate))
 
 
 def _fused(x, A, B, y, M, K, N, R, scale):
-    y += scale * ((x @ A.T) @ B.T)
+    y[...] = _ref().lora_fused(x, A, B, float(scale), y)
 
 
 def _grad_weight(U, V, C, M, P, Q, scale):
-    C[...] = scale * (U.T @ V)
+    C[...] = _ref().lora_grad_weight(U, V, float(scale))
 
 
 def _bgmv(x, A_stack, B_stack, idx, scale, y, K, N, R):
-    for i in _np.flatnonzero(idx >= 0):
-        a = idx[i]
-        y[i] += scale[a] * (B_stack[a] @ (A_stack[a] @ x[i]))
+    y[...] = _ref().bgmv(x, A_stack, B_stack, idx, scale, y)
+
+
+def _ref():
+    from minift import kernels_reference  # noqa: PLC0415 - minift imports this module while it starts
+
+    return kernels_reference
 
 
 _REFERENCE = {"lora_shrink_v1": _shrink, "lora_shrink_v2": _shrink, "lora_expand": _expand, "lora_fused": _fused,
