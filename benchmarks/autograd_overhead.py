@@ -45,7 +45,7 @@ def median_step(step, repeat: int) -> float:
 
 
 def minift_steps(batch: int):
-    import minift.functional as F
+    import minift.autograd.functional as F
     from minift.models import LlamaConfig, LlamaForCausalLM
     from minift.optim import AdamW, clip_grad_norm_
 

@@ -15,8 +15,10 @@ import sys
 
 import numpy as np
 
-from minift import kernels, kernels_check, kernels_reference
 from minift.backend import cupy_available
+from minift.cuda import check as kernels_check
+from minift.cuda import kernels
+from minift.cuda import reference as kernels_reference
 
 
 def gpu_seconds(fn, repeat: int = 20) -> float:

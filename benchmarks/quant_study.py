@@ -8,7 +8,7 @@ QLoRA adapter does to the logits.
    of SmolLM2's first four blocks). SmolLM2 ships as a Q4_1 GGUF, so its weights already sit on a
    Q4_1 grid of 32-blocks: Q4_1 at block 32 reproduces them almost exactly, which says more about
    the file than about the formats — the Gaussian rows are the fair comparison.
-2. Logit drift of the three ways to merge a QLoRA adapter (``minift.quant.merge``) on a small
+2. Logit drift of the three ways to merge a QLoRA adapter (``minift.studies.qlora_merge``) on a small
    random Llama (random tokens) and, with --smollm2, on SmolLM2 (bundled held-out text); LoRA
    r=8 on q,k,v,o with a random B scaled to ||s B A|| = 0.02 ||W||.
 
@@ -27,13 +27,12 @@ from pathlib import Path
 import numpy
 
 from minift.data import bundled_path
-from minift.models import LlamaConfig, LlamaForCausalLM
+from minift.models import ATTENTION_PROJECTIONS, LlamaConfig, LlamaForCausalLM
 from minift.peft import LoraConfig
 from minift.quant.compare import error_table, format_error_table
-from minift.quant.merge import format_merge_drift, merge_drift
+from minift.studies.qlora_merge import format_merge_drift, merge_drift
 
 RESULTS = Path(__file__).parent / "results"
-ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 def smollm2_weights(model, blocks: int = 4) -> numpy.ndarray:
@@ -54,7 +53,7 @@ def run_errors(label: str, weights: numpy.ndarray) -> list[dict]:
 def run_merge(label: str, model, ids) -> dict:
     print(f"\n== merging a QLoRA adapter, {label} (logits of {ids.shape[0]} x {ids.shape[1]} tokens; "
           f"||s B A|| = 0.02 ||W||)")
-    rows = merge_drift(model, LoraConfig(r=8, lora_alpha=16, target_modules=ATTENTION), ids)
+    rows = merge_drift(model, LoraConfig(r=8, lora_alpha=16, target_modules=list(ATTENTION_PROJECTIONS)), ids)
     print(format_merge_drift(rows))
     return rows
 

@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy
 
 from minift.models import LlamaForCausalLM
-from minift.serve.bench import bench_config, synthetic_setup
 from minift.serve.engine import Request, build_engine
+from minift.studies.serve_bench import bench_config, synthetic_setup
 
 RESULTS = Path(__file__).parent / "results"
 

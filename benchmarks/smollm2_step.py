@@ -21,8 +21,8 @@ import numpy as np
 
 from minift import load_pretrained
 from minift.data import DataLoader
-from minift.methods import prepare_model
-from minift.train import TrainConfig, Trainer
+from minift.training import TrainConfig, Trainer
+from minift.training.methods import prepare_model
 
 BATCH, TOKENS, REPEAT = 4, 128, 3
 

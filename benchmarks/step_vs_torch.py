@@ -46,11 +46,12 @@ from pathlib import Path
 
 import numpy as np
 
+from minift.models import ATTENTION_PROJECTIONS, BLOCK_PROJECTIONS  # NumPy only: both sides may import it
+
 METHODS = ("full", "lora", "qlora")
 SIDES = ("minift", "torch")
 ALLOCATORS = ("glibc default", "keep freed memory")
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
-LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGETS = list(ATTENTION_PROJECTIONS)
 BATCH, SEQ, VOCAB = 4, 128, 49152
 LR, LORA_R, LORA_ALPHA = 1e-4, 8, 16
 RESULTS = Path(__file__).parent / "results"
@@ -105,11 +106,11 @@ def _seconds(fn) -> float:
 
 # ---- one side, one method, in its own process ----------------------------------------------------
 def minift_step(method: str, ids, targets):
-    import minift.functional as F
+    import minift.autograd.functional as F
     from minift import load_pretrained
     from minift.autograd import elementwise
-    from minift.methods import MethodOptions, prepare_model
     from minift.optim import AdamW, clip_grad_norm_
+    from minift.training.methods import MethodOptions, prepare_model
 
     base, _ = load_pretrained("smollm2")
     options = MethodOptions(lora_r=LORA_R, lora_alpha=LORA_ALPHA, lora_targets=tuple(TARGETS))
@@ -149,7 +150,7 @@ def torch_step(method: str, ids, targets):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from minift.hub import fetch
+    from minift.io.hub import fetch
 
     gguf = fetch("smollm2")
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32)
@@ -181,7 +182,7 @@ def quantize_linears_with_bitsandbytes(model) -> None:
 
     for layer in model.model.layers:
         for parent in (layer.self_attn, layer.mlp):
-            for name in LINEARS:
+            for name in BLOCK_PROJECTIONS:
                 dense = getattr(parent, name, None)
                 if dense is None:
                     continue

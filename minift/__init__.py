@@ -1,12 +1,33 @@
 """minift: what actually happens inside LLM fine-tuning, written out in NumPy.
 
-Start reading at ``minift/autograd`` (the engine), then ``minift/nn`` and ``minift/models``.
+Start reading at ``minift/autograd`` (the engine), then ``minift/nn`` and ``minift/models``;
+docs/design.md draws the layers. The names below are imported on first use (PEP 562), so
+``import minift.autograd`` loads the engine and NumPy, nothing else.
 """
 
-from minift.autograd import Tensor, no_grad
-from minift.backend import get_backend, set_backend
-from minift.pretrained import load_pretrained
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = ["Tensor", "get_backend", "load_pretrained", "no_grad", "set_backend", "__version__"]
+#: public name -> the module that owns it
+_EXPORTS = {
+    "Tensor": "minift.autograd",
+    "no_grad": "minift.autograd",
+    "get_backend": "minift.backend",
+    "set_backend": "minift.backend",
+    "load_pretrained": "minift.training.pretrained",
+}
+
+__all__ = ["Tensor", "__version__", "get_backend", "load_pretrained", "no_grad", "set_backend"]  # = _EXPORTS + version
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'minift' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # the next lookup does not come here
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_EXPORTS])

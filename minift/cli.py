@@ -30,15 +30,14 @@ from threadpoolctl import threadpool_limits
 
 from minift.allocator import keep_freed_memory
 from minift.data import ByteTokenizer, DataLoader, InstructionDataset, TextDataset, bundled_path
-from minift.hub import FetchError
 from minift.io import save_model
-from minift.memory import LEDGER_METHODS
-from minift.methods import METHODS, MethodOptions, prepare_model
-from minift.nn import trainable_report
+from minift.io.hub import FetchError
+from minift.nn import dequantize_model, trainable_report
 from minift.peft import PeftModel
-from minift.pretrained import load_pretrained, save_pretrained
-from minift.quant import dequantize_model
-from minift.train import TrainConfig, Trainer, TrainingError, evaluate_loss, perplexity
+from minift.studies.memory import LEDGER_METHODS
+from minift.training import TrainConfig, Trainer, TrainingError, evaluate_loss, perplexity
+from minift.training.methods import METHODS, MethodOptions, prepare_model
+from minift.training.pretrained import load_pretrained, save_pretrained
 
 
 def _system_prompt(args, tok):
@@ -67,13 +66,13 @@ DEFAULT_THREADS = {"demo": 1}
 
 
 def cmd_demo(args) -> None:
-    from minift.demo import DemoSettings, run_demo  # noqa: PLC0415 - heavy imports only when used
+    from minift.studies.demo import DemoSettings, run_demo  # noqa: PLC0415 - heavy imports only when used
 
     run_demo(args.out, DemoSettings.fast() if args.fast else DemoSettings())
 
 
 def cmd_train(args) -> None:
-    from minift.demo import tiny_config  # noqa: PLC0415
+    from minift.studies.demo import tiny_config  # noqa: PLC0415
 
     tok = ByteTokenizer()
     text = Path(args.data).read_text()
@@ -156,13 +155,13 @@ def cmd_chat(args) -> None:
 
 
 def cmd_fetch(args) -> None:
-    from minift.hub import fetch  # noqa: PLC0415
+    from minift.io.hub import fetch  # noqa: PLC0415
 
     print(fetch(args.name))
 
 
 def cmd_forgetting(args) -> None:
-    from minift.forgetting import ForgettingSettings, run_forgetting  # noqa: PLC0415
+    from minift.studies.forgetting import ForgettingSettings, run_forgetting  # noqa: PLC0415
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     unknown = [m for m in methods if m not in METHODS]
@@ -202,9 +201,9 @@ def cmd_serve(args) -> None:
 def cmd_bench_serve(args) -> None:
     import tempfile  # noqa: PLC0415
 
-    from minift.serve.bench import run_bench_serve, synthetic_setup  # noqa: PLC0415
     from minift.serve.engine import build_engine  # noqa: PLC0415
     from minift.serve.server import parse_adapter_specs  # noqa: PLC0415
+    from minift.studies.serve_bench import run_bench_serve, synthetic_setup  # noqa: PLC0415
 
     if args.adapter and not args.model:
         raise ValueError("--adapter needs --model (without both, random adapters on a small model are used)")
@@ -223,7 +222,7 @@ def cmd_bench_serve(args) -> None:
 
 
 def cmd_kernels(args) -> None:
-    from minift.kernels_check import check, format_table  # noqa: PLC0415
+    from minift.cuda.check import check, format_table  # noqa: PLC0415
 
     results = check()
     print(format_table(results))
@@ -233,7 +232,7 @@ def cmd_kernels(args) -> None:
 
 
 def cmd_memory(args) -> None:
-    from minift import memory  # noqa: PLC0415
+    from minift.studies import memory  # noqa: PLC0415
 
     if (args.params is None) == (args.model is None):
         raise ValueError("give either --params N (a projection) or --model DIR (predict and measure)")

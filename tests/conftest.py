@@ -37,13 +37,13 @@ def pytest_collectreport(report):
 
 @pytest.fixture(scope="session")
 def smollm2_gguf():
-    """Path of the real SmolLM2-135M-Instruct GGUF, fetched once into the cache (minift.hub).
+    """Path of the real SmolLM2-135M-Instruct GGUF, fetched once into the cache (minift.io.hub).
 
     Skips, saying why, only where it cannot be fetched (offline); in CI (MINIFT_REQUIRE_INTEROP=1
     or CI set) a failed fetch is a failure, so the real-model tests always run there."""
     import os  # noqa: PLC0415
 
-    from minift.hub import FetchError, fetch  # noqa: PLC0415
+    from minift.io.hub import FetchError, fetch  # noqa: PLC0415
 
     try:
         return fetch("smollm2")

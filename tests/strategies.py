@@ -1,4 +1,5 @@
-"""Hypothesis strategies shared by all property tests (DESIGN.md, convention 5).
+"""Hypothesis strategies shared by all property tests, kept in this one file so that every property
+test draws its inputs the same way (docs/design.md, principle 4).
 
 Bounded floats (no inf/NaN unless a test asks), shapes with odd and size-1 axes, and pairs of
 shapes that broadcast against each other.
@@ -9,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+
+from minift.quant.nf4 import BLOCKSIZES
 
 small_dims = st.integers(min_value=1, max_value=5)
 
@@ -279,8 +282,6 @@ def adapter_indices(draw, rows: int, n_adapters: int):
 
 
 # ---- 4-bit quantization (tests/quant) -------------------------------------------------------
-#: bitsandbytes' 4-bit block sizes (minift.quant.nf4.BLOCK_SIZES, repeated so strategies stay import-light).
-QUANT_BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
 @st.composite
@@ -289,7 +290,7 @@ def quant_inputs(draw, max_values: int = 8192):
     (rows, cols) with odd and size-1 sides, values N(0, sigma) with sigma from 1e-4 to 1e4, and
     blocks replaced by the cases that break careless quantizers: all zeros, one huge value (1e30)
     among small ones, all one value (ties), and subnormal magnitudes (1e-40)."""
-    blocksize = draw(st.sampled_from([b for b in QUANT_BLOCK_SIZES if b <= max_values]))
+    blocksize = draw(st.sampled_from([b for b in BLOCKSIZES if b <= max_values]))
     n_blocks = draw(st.integers(1, max(1, max_values // blocksize)))
     n = n_blocks * blocksize
     shape = (n,)

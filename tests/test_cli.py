@@ -5,7 +5,7 @@ import json
 import pytest
 
 from minift.cli import main
-from minift.methods import METHODS
+from minift.training.methods import METHODS
 
 TEXT = "Claims are filed online or by phone. The deductible is paid first. " * 60
 RECORDS = [

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 from minift import backend as B
-from minift import kernels, kernels_check
+from minift.cuda import check as kernels_check
+from minift.cuda import kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 DOUBLE = ROOT / "tests" / "cupy_double"

@@ -16,6 +16,9 @@ from minift.autograd.elementwise import ShapeError
 from minift.autograd.function import Function
 from minift.backend import xp
 
+#: The target that cross-entropy leaves out of the loss (prompt tokens, padding): PyTorch's value.
+IGNORE_INDEX = -100
+
 
 def _logsumexp(x, axis=-1):
     """log(sum(exp(x))) computed as m + log(sum(exp(x - m))) with m = max(x): no overflow."""
@@ -73,7 +76,7 @@ class CrossEntropy(Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, *, targets, ignore_index=-100):
+    def forward(ctx, logits, *, targets, ignore_index=IGNORE_INDEX):
         if logits.ndim != 2 or targets.shape != logits.shape[:1]:
             raise ShapeError(
                 f"cross_entropy: logits must be (N, V) and targets (N,); got logits "

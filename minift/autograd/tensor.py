@@ -152,7 +152,85 @@ class Tensor:
                 key = id(parent)
                 grads[key] = parent_grad if key not in grads else grads[key] + parent_grad
 
-    # ---- operators (defined in ops modules, attached in minift/autograd/__init__.py) ---
+    # ---- operators: each one is an op of minift.autograd.functional ------------------
+    # ``a + b`` builds the same graph node as ``F.add(a, b)``; a Python number on either side
+    # becomes a constant of the tensor's dtype (so float32 stays float32).
+    def __add__(self, other):
+        return F.add(self, other)
+
+    __radd__ = __add__
+
+    def __sub__(self, other):
+        return F.sub(self, other)
+
+    def __rsub__(self, other):
+        return F.sub(F._lift(other, self), self)
+
+    def __mul__(self, other):
+        return F.mul(self, other)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, other):
+        return F.div(self, other)
+
+    def __rtruediv__(self, other):
+        return F.div(F._lift(other, self), self)
+
+    def __neg__(self):
+        return F.neg(self)
+
+    def __pow__(self, exponent: float):
+        return F.pow(self, exponent)
+
+    def __matmul__(self, other):
+        return F.matmul(self, other)
+
+    def __rmatmul__(self, other):
+        return F.matmul(as_tensor(other), self)
+
+    def __getitem__(self, index):
+        return F.getitem(self, index)
+
+    def exp(self):
+        return F.exp(self)
+
+    def log(self):
+        return F.log(self)
+
+    def sqrt(self):
+        return F.sqrt(self)
+
+    def rsqrt(self):
+        return F.rsqrt(self)
+
+    def sum(self, axis=None, keepdims=False):
+        return F.sum(self, axis, keepdims)
+
+    def mean(self, axis=None, keepdims=False):
+        return F.mean(self, axis, keepdims)
+
+    def max(self, axis=None, keepdims=False):
+        return F.max(self, axis, keepdims)
+
+    def reshape(self, *shape):
+        return F.reshape(self, *shape)
+
+    def permute(self, *axes):
+        return F.permute(self, *axes)
+
+    def transpose(self, axis0: int = -2, axis1: int = -1):
+        return F.transpose(self, axis0, axis1)
+
+    @property
+    def T(self):
+        return F.transpose(self)
+
+    def softmax(self, axis: int = -1):
+        return F.softmax(self, axis)
+
+    def log_softmax(self, axis: int = -1):
+        return F.log_softmax(self, axis)
 
 
 def _accumulate(leaf: Tensor, g, given_to_leaves: set) -> None:
@@ -194,3 +272,8 @@ def as_tensor(value) -> Tensor:
     if isinstance(value, Tensor):
         return value
     return Tensor(value)
+
+
+# The operators above call the functional ops, which are built on Tensor: the two modules need
+# each other, so functional is imported once Tensor exists (its functions are looked up at call time).
+import minift.autograd.functional as F  # noqa: E402

@@ -3,7 +3,7 @@
 Reading order: ``tokenizer.py`` (text <-> ids, the ChatML template), ``instructions.py`` (records
 -> messages -> input_ids and prompt-masked labels), ``loader.py`` (padding and the resumable
 batch order). ``bundled/README.md`` describes the data sets shipped with minift, written by
-``make_bundled.py``.
+``tools/bundled_data/make_bundled.py``.
 """
 
 from pathlib import Path

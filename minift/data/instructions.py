@@ -6,7 +6,7 @@ and the answer we want. Chat data (``{"messages": [{"role", "content"}, ...]}``)
 to several turns. Both shapes become one list of messages, rendered with the ChatML template
 (``tokenizer.render_chatml``), and the trainer then learns to continue the prompt with the answer.
 
-Labels are *pre-shifted*: ``labels[t]`` is the id that should follow ``input_ids[t]`` (or -100,
+Labels are *pre-shifted*: ``labels[t]`` is the id that should follow ``input_ids[t]`` (or IGNORE_INDEX,
 "no loss here"), so the loss is plain cross-entropy of ``logits[t]`` against ``labels[t]``.
 """
 
@@ -16,11 +16,10 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 
-import numpy as np
+import numpy
 
+from minift.autograd.nn_ops import IGNORE_INDEX  # the label the loss leaves out
 from minift.data.tokenizer import CHAT_ROLES, IM_END, IM_START, Tokenizer
-
-IGNORE_INDEX = -100  # the label that F.cross_entropy leaves out of the loss
 
 
 class DataError(ValueError):
@@ -164,7 +163,7 @@ def chat_pieces(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]]) -> 
 
 
 def encode_example(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]], max_len: int, *,
-                   truncate: bool = False, index: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   truncate: bool = False, index: int | None = None) -> tuple[numpy.ndarray, numpy.ndarray]:
     """``(input_ids, labels)`` of one conversation, int64 arrays of equal length <= ``max_len``.
 
     Let ``s`` be the ids of the whole rendered chat (``render_chatml(messages)``). Then
@@ -184,15 +183,15 @@ def encode_example(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]], 
     or with ``truncate=True`` is cut to its first ``max_len + 1`` ids.
     """
     pieces = chat_pieces(tokenizer, messages)
-    ids = np.array([i for p, _ in pieces for i in p], dtype=np.int64)
-    target = np.array([t for p, t in pieces for _ in p], dtype=bool)
+    ids = numpy.array([i for p, _ in pieces for i in p], dtype=numpy.int64)
+    target = numpy.array([t for p, t in pieces for _ in p], dtype=bool)
     name = "example" if index is None else f"example {index}"
     if len(ids) - 1 > max_len:
         if not truncate:
             raise DataError(f"{name} is {len(ids) - 1} tokens long but max_len is {max_len}; "
                             f"shorten it, raise max_len, or pass truncate=True")
         ids, target = ids[:max_len + 1], target[:max_len + 1]
-    labels = np.where(target[1:], ids[1:], IGNORE_INDEX)
+    labels = numpy.where(target[1:], ids[1:], IGNORE_INDEX)
     if not (labels != IGNORE_INDEX).any():
         raise DataError(f"{name}: no assistant token is left within max_len={max_len}")
     return ids[:-1], labels
@@ -225,7 +224,7 @@ class InstructionDataset:
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    def __getitem__(self, i: int) -> dict[str, numpy.ndarray]:
         input_ids, labels = self.examples[i]
         return {"input_ids": input_ids, "labels": labels}
 
@@ -242,7 +241,7 @@ class TextDataset:
     def __init__(self, text: str, tokenizer: Tokenizer, block_size: int) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
-        self.ids = np.array(tokenizer.encode(text), dtype=np.int64)
+        self.ids = numpy.array(tokenizer.encode(text), dtype=numpy.int64)
         self.block_size = block_size
         if len(self) == 0:
             raise DataError(f"the text has {len(self.ids)} tokens; one block needs block_size + 1 = "
@@ -251,7 +250,7 @@ class TextDataset:
     def __len__(self) -> int:
         return max(0, (len(self.ids) - 1) // self.block_size)
 
-    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    def __getitem__(self, i: int) -> dict[str, numpy.ndarray]:
         if not 0 <= i < len(self):
             raise IndexError(f"block {i} out of range for {len(self)} blocks")
         block = self.ids[i * self.block_size:(i + 1) * self.block_size + 1]

@@ -4,7 +4,7 @@ The training loop of lecture 002 ("the model sees your examples, predicts, compa
 repeats") consumes batches, not single examples: a (B, T) block of ids is one matmul-friendly
 forward pass. Examples have different lengths, so ``collate`` pads the short ones on the right.
 Right padding with a causal model is harmless: a real token only attends to earlier positions,
-and pads come after every real token of their row. Pads get label -100, so they add no loss.
+and pads come after every real token of their row. Pads get label IGNORE_INDEX (-100), so they add no loss.
 """
 
 from __future__ import annotations
@@ -12,15 +12,15 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 
-import numpy as np
+import numpy
 
 from minift.data.instructions import IGNORE_INDEX
 
 
-def collate(examples: Sequence[dict], pad_id: int) -> dict[str, np.ndarray]:
+def collate(examples: Sequence[dict], pad_id: int) -> dict[str, numpy.ndarray]:
     """Stack ``{"input_ids", "labels"}`` examples into right-padded (B, T) arrays.
 
-    -> ``input_ids`` (B, T) int64 padded with ``pad_id``, ``labels`` (B, T) int64 padded with -100,
+    -> ``input_ids`` (B, T) int64 padded with ``pad_id``, ``labels`` (B, T) int64 padded with IGNORE_INDEX (-100),
     ``attention_mask`` (B, T) bool, True on real tokens. T is the longest example of the batch.
     """
     if not examples:
@@ -29,9 +29,9 @@ def collate(examples: Sequence[dict], pad_id: int) -> dict[str, np.ndarray]:
     if any(len(ex["labels"]) != n for ex, n in zip(examples, lengths, strict=True)):
         raise ValueError("every example needs as many labels as input_ids")
     batch, width = len(examples), max(lengths)
-    input_ids = np.full((batch, width), pad_id, dtype=np.int64)
-    labels = np.full((batch, width), IGNORE_INDEX, dtype=np.int64)
-    mask = np.zeros((batch, width), dtype=bool)
+    input_ids = numpy.full((batch, width), pad_id, dtype=numpy.int64)
+    labels = numpy.full((batch, width), IGNORE_INDEX, dtype=numpy.int64)
+    mask = numpy.zeros((batch, width), dtype=bool)
     for row, (ex, n) in enumerate(zip(examples, lengths, strict=True)):
         input_ids[row, :n] = ex["input_ids"]
         labels[row, :n] = ex["labels"]
@@ -68,12 +68,12 @@ class DataLoader:
         n = len(self.dataset)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
-    def epoch_order(self, epoch: int) -> np.ndarray:
+    def epoch_order(self, epoch: int) -> numpy.ndarray:
         """Indices of the examples in the order epoch ``epoch`` visits them."""
         n = len(self.dataset)
-        return np.random.default_rng(self.seed + epoch).permutation(n) if self.shuffle else np.arange(n)
+        return numpy.random.default_rng(self.seed + epoch).permutation(n) if self.shuffle else numpy.arange(n)
 
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    def __iter__(self) -> Iterator[dict[str, numpy.ndarray]]:
         order = self.epoch_order(self.epoch)
         for b in range(self.batch_index, len(self)):
             indices = order[b * self.batch_size:(b + 1) * self.batch_size]

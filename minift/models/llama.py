@@ -14,11 +14,16 @@ from dataclasses import asdict, dataclass
 
 import numpy
 
-import minift.functional as F
+import minift.autograd.functional as F
 from minift.autograd import Tensor
 from minift.backend import xp
 from minift.nn import Embedding, Linear, Module, ModuleList, RMSNorm
 
+#: The Linear layers of one block, by their Hugging Face names: LoRA's usual targets are the
+#: attention projections; "all linear" adds the MLP's.
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+BLOCK_PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
 
 @dataclass
 class LlamaConfig:

@@ -1,4 +1,6 @@
-"""Layers and models: ``Module`` trees of ``Parameter``s, plus freezing helpers."""
+"""Layers: ``Module`` trees of ``Parameter``s, the layers, freezing helpers, and ``Linear4bit``
+(a frozen NF4 weight, the base layer of QLoRA).
+"""
 
 from minift.nn.freeze import (
     freeze,
@@ -9,9 +11,11 @@ from minift.nn.freeze import (
     unfreeze,
 )
 from minift.nn.layers import Embedding, LayerNorm, Linear, RMSNorm
+from minift.nn.linear4bit import Linear4bit, dequantize_model, quantize_model
 from minift.nn.module import Module, ModuleDict, ModuleList, Parameter
 
 __all__ = [
-    "Embedding", "LayerNorm", "Linear", "Module", "ModuleDict", "ModuleList", "Parameter", "RMSNorm",
-    "freeze", "freeze_layers", "layer_index", "train_only_last_layers", "trainable_report", "unfreeze",
+    "Embedding", "LayerNorm", "Linear", "Linear4bit", "Module", "ModuleDict", "ModuleList", "Parameter", "RMSNorm",
+    "dequantize_model", "freeze", "freeze_layers", "layer_index", "quantize_model", "train_only_last_layers",
+    "trainable_report", "unfreeze",
 ]

@@ -1,6 +1,6 @@
 """The layers of a Llama-style transformer: Linear, Embedding, RMSNorm, LayerNorm.
 
-Each layer owns its Parameters and calls one fused op from ``minift.functional``; the math and
+Each layer owns its Parameters and calls one fused op from ``minift.autograd.functional``; the math and
 the backward formula live there.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy
 
-import minift.functional as F
+import minift.autograd.functional as F
 from minift.backend import xp
 from minift.nn.module import Module, Parameter, normal_init
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy
 
-import minift.functional as F
+import minift.autograd.functional as F
 from minift.backend import xp
 from minift.nn import Linear, Module
 

@@ -25,12 +25,12 @@ from dataclasses import asdict, dataclass, field
 
 import numpy
 
-import minift.functional as F
-from minift import kernels
+import minift.autograd.functional as F
 from minift.autograd import Function, is_grad_enabled, no_grad
 from minift.backend import xp
+from minift.cuda import kernels
 from minift.nn import Linear, Module, ModuleDict
-from minift.quant.linear4bit import Linear4bit
+from minift.nn.linear4bit import Linear4bit
 
 #: PEFT's default targets for Llama models: the query and value projections.
 DEFAULT_TARGETS = ["q_proj", "v_proj"]
@@ -168,7 +168,7 @@ class LoraLinear(Module):
 
         On a 4-bit base (QLoRA) the sum is *re-quantized* to NF4: W + s B A is rounded to the
         16 levels again, so the merged layer is not exactly base + adapter (the logit drift is
-        measured by ``minift.quant.merge.merge_drift``). For an exact merge, ``dequantize_model``
+        measured by ``minift.studies.qlora_merge.merge_drift``). For an exact merge, ``dequantize_model``
         first and merge into the float weights.
         """
         with no_grad():

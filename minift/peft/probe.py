@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy
 
-import minift.functional as F
+import minift.autograd.functional as F
 from minift.autograd import Tensor, no_grad
 from minift.backend import to_numpy, xp
 from minift.nn import Linear, Module

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy
 
 from minift.backend import to_numpy
-from minift.quant.nf4 import BLOCK_SIZES, bits_per_parameter, dequantize_nf4, quantize_nf4
+from minift.quant.nf4 import BLOCKSIZES, bits_per_parameter, dequantize_nf4, quantize_nf4
 
 
 def _blocks(x, blocksize: int) -> numpy.ndarray:
@@ -70,13 +70,13 @@ FORMATS = {
 }
 
 
-def error_table(x, block_sizes=BLOCK_SIZES) -> list[dict]:
+def error_table(x, blocksizes=BLOCKSIZES) -> list[dict]:
     """For each format and block size: bits per weight, RMS error and max |error| of the round
     trip, and the error relative to the weights' RMS (||x' - x|| / ||x||)."""
     x = numpy.asarray(x, dtype=numpy.float32).reshape(-1)
     norm = float(numpy.sqrt(numpy.mean(x.astype(numpy.float64) ** 2)))
     rows = []
-    for blocksize in block_sizes:
+    for blocksize in blocksizes:
         for name, roundtrip in FORMATS.items():
             approx, bits = roundtrip(x, blocksize)
             err = approx.astype(numpy.float64) - x

@@ -65,7 +65,7 @@ NF4_CODE = numpy.array([
 ], dtype=numpy.float32)
 
 #: Block sizes bitsandbytes accepts for 4-bit quantization.
-BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 DEFAULT_BLOCKSIZE = 64
 #: Absmax values per float32 ``absmax2`` in double quantization.
 DOUBLE_QUANT_BLOCKSIZE = 256
@@ -188,8 +188,8 @@ def unpack_4bit(packed):
 # ---- 4-bit blockwise quantization --------------------------------------------------------------
 def _check_input(x, blocksize: int):
     """x as a float32 array, after the checks that make the error bound hold for every block."""
-    if blocksize not in BLOCK_SIZES:
-        raise ValueError(f"NF4 block size {blocksize} is not supported; choose one of {BLOCK_SIZES}")
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"NF4 block size {blocksize} is not supported; choose one of {BLOCKSIZES}")
     x = xp.asarray(x)
     if not xp.issubdtype(x.dtype, xp.floating):
         raise TypeError(f"NF4 quantizes floating-point weights, got dtype {x.dtype}")

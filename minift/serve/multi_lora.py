@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import numpy
 
-from minift import kernels
 from minift.autograd import Tensor
 from minift.backend import to_numpy, xp
+from minift.cuda import kernels
 from minift.nn import Linear, Module
 
 NO_ADAPTER = -1  #: slot index of a row that runs the base model alone
@@ -36,7 +36,7 @@ def lora_gather_delta(x, A_stack, B_stack, scales, slot_idx):
     x (B, T, d_in); A_stack (S, R, d_in); B_stack (S, d_out, R); scales (S,); slot_idx (B,)
     ints, ``NO_ADAPTER`` for base rows (their delta is zero). The one place that chooses the
     path: the BGMV kernel (``kernels/bgmv.cu``) for float32 CuPy arrays, as ``LoraLinear``
-    decides (``minift.kernels.use_lora_kernels``), else this reference: gather each row's A
+    decides (``minift.cuda.kernels.use_lora_kernels``), else this reference: gather each row's A
     and B, then two batched products — ``einsum("btd,brd->btr")`` and ``("btr,bor->bto")`` written
     as ``matmul``, whose dispatch costs less than einsum's path search at decode sizes (T = 1).
     """

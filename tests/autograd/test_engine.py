@@ -15,7 +15,7 @@ import weakref
 import numpy as np
 import pytest
 
-import minift.functional as F
+import minift.autograd.functional as F
 from minift import backend as B
 from minift.autograd import GraphFreedError, ShapeError, Tensor, enable_grad, no_grad, op_counts
 from minift.autograd.function import Node
@@ -391,7 +391,7 @@ def test_a_query_that_may_see_no_key_gets_zero_output_not_nan():
     """Left padding + causal mask: the pad query at position 0 sees only a masked key."""
     import numpy as np
 
-    import minift.functional as F
+    import minift.autograd.functional as F
     from minift.autograd import Tensor
 
     rng = np.random.default_rng(0)

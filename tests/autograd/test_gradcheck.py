@@ -21,7 +21,7 @@ import strategies as S
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import minift.functional as F
+import minift.autograd.functional as F
 from minift.autograd import Tensor, no_grad
 from minift.backend import to_numpy, xp
 

@@ -340,7 +340,7 @@ class RawKernel:
 
 
 def _emulated(code: str):
-    from minift import cuda_emu  # noqa: PLC0415 - minift imports this module while it starts
+    from minift.cuda import emulator as cuda_emu  # noqa: PLC0415 - minift imports this module while it starts
 
     return cuda_emu.load_source(code, "raw_module.cu")
 
@@ -354,7 +354,7 @@ def _dim3(size) -> tuple[int, int, int]:
 # train with LoRA on "the GPU" launch thousands; with this setting the launch still goes through
 # RawModule with the kernel's own arguments, and writes what the kernel is specified to write
 # (the emulator tests check the kernels themselves against the same definitions).
-# The NF4 decoders are written out here rather than taken from minift.kernels_reference: those go
+# The NF4 decoders are written out here rather than taken from minift.cuda.reference: those go
 # through minift.quant.nf4, which counts op_counts["nf4_dequantize"] and makes backend arrays.
 def _nf4_values(packed, absmax, n, blocksize):
     from minift.quant.nf4 import NF4_CODE  # noqa: PLC0415
@@ -405,7 +405,7 @@ def _bgmv(x, A_stack, B_stack, idx, scale, y, K, N, R):
 
 
 def _ref():
-    from minift import kernels_reference  # noqa: PLC0415 - minift imports this module while it starts
+    from minift.cuda import reference as kernels_reference  # noqa: PLC0415 - minift imports this module while it starts
 
     return kernels_reference
 

@@ -1,6 +1,8 @@
 """The bundled data: present, parseable, the documented sizes, reproducible, and self-consistent."""
 
 import re
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,8 +15,10 @@ from minift.data import (
     load_qa,
     to_messages,
 )
-from minift.data import make_bundled as mb
-from minift.demo import SYSTEM_PROMPT, tiny_config
+from minift.studies.demo import SYSTEM_PROMPT, tiny_config
+
+sys.path.insert(0, str(Path(__file__).parents[2] / "tools" / "bundled_data"))  # the generators are tools
+import make_bundled as mb  # noqa: E402
 
 NAMES = ["general_corpus.txt", "general_heldout.txt", "insurer_train.jsonl", "insurer_eval.jsonl",
          "general_qa.jsonl", "README.md"]

@@ -15,7 +15,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="interop extra not installed (pip install -e '.[interop]')")
 
-import minift.functional as F  # noqa: E402
+import minift.autograd.functional as F  # noqa: E402
 from minift.autograd import Tensor  # noqa: E402
 from minift.backend import to_numpy, xp  # noqa: E402
 

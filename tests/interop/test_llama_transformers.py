@@ -36,7 +36,7 @@ def test_greedy_generation_equals_transformers():
 def test_loss_and_gradients_equal_torch_autograd():
     """Float64 in both, but transformers' RMSNorm and RoPE tables compute in float32 whatever the
     model dtype, so agreement is at float32 level (~1e-7), not float64's 1e-15."""
-    import minift.functional as F
+    import minift.autograd.functional as F
 
     model = minift_model().to(np.float64)
     hf = hf_twin(model).double()

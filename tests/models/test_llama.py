@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-import minift.functional as F
+import minift.autograd.functional as F
 from minift.autograd import op_counts
 from minift.backend import to_numpy
 from minift.models import LlamaConfig, LlamaForCausalLM

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-import minift.functional as F
+import minift.autograd.functional as F
 from minift.backend import to_numpy
 from minift.models import LlamaConfig, LlamaForCausalLM
 from minift.optim import AdamW

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import minift.functional as F
+import minift.autograd.functional as F
 from minift.autograd import Tensor
 from minift.backend import asarray, to_numpy
 from minift.models import LlamaConfig, LlamaForCausalLM

@@ -32,7 +32,7 @@ def test_int4_error_is_at_most_half_a_step(blocksize):
 
 
 def test_on_gaussian_weights_nf4_beats_int4_and_error_grows_with_the_block():
-    rows = error_table(gaussian(), block_sizes=(32, 64, 256, 4096))
+    rows = error_table(gaussian(), blocksizes=(32, 64, 256, 4096))
     table = {(r["format"], r["block"]): r for r in rows}
     for block in (32, 64, 256, 4096):
         assert table["NF4", block]["rmse"] < 0.9 * table["int4 absmax", block]["rmse"]

@@ -13,7 +13,7 @@ from strategies import nibbles, quant_inputs
 from minift.backend import to_numpy, xp
 from minift.quant import nf4
 from minift.quant.nf4 import (
-    BLOCK_SIZES,
+    BLOCKSIZES,
     DYNAMIC_CODE,
     NF4_CODE,
     bits_per_parameter,
@@ -258,7 +258,7 @@ def test_integer_and_empty_inputs_are_refused():
 
 def test_every_supported_block_size_round_trips(backend):
     x = xp.asarray(np.random.default_rng(4).standard_normal(8192).astype(np.float32))
-    for blocksize in BLOCK_SIZES:
+    for blocksize in BLOCKSIZES:
         packed, state = quantize_nf4(x, blocksize)
         assert packed.shape == (4096,) and state.absmax.shape == (8192 // blocksize,)
         err = np.abs(to_numpy(dequantize_nf4(packed, state)) - to_numpy(x)).max()

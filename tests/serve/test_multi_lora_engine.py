@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from serve_fixtures import ADAPTERS, base_model, make_engine, merged_reference, write_adapters
 from strategies import serving_requests
 
-from minift import kernels
 from minift.autograd.function import op_counts
 from minift.backend import to_numpy, xp
+from minift.cuda import kernels
 from minift.serve import NO_ADAPTER, Request, lora_gather_delta
 
 fixture_ok = settings(suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)

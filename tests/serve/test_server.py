@@ -15,9 +15,9 @@ from serve_fixtures import CONFIG, base_model, write_adapters
 from minift.cli import main
 from minift.data import ByteTokenizer
 from minift.io import save_model
-from minift.serve.bench import drive, post_json
 from minift.serve.engine import build_engine
 from minift.serve.server import CompletionServer
+from minift.studies.serve_bench import drive, post_json
 
 TIMEOUT_S = 60
 CONTEXT = 64

@@ -1,0 +1,186 @@
+"""``Linear4bit``: a linear layer whose frozen weight is stored in NF4 — the base layer of QLoRA.
+
+QLoRA (Dettmers et al. 2023; lecture 004) keeps the pretrained weight W in 4 bits and never
+updates it; the trainable LoRA adapters on top stay in float. A forward pass therefore needs W
+only for a moment:
+
+    W = dequantize(codes, absmax)          a float temporary, block by block from the NF4 codes
+    y = x W^T + b                          then W is dropped
+
+and the backward pass needs it once more, for the gradient that flows on to the layers below:
+
+    dx = g W                               W dequantized again, not kept from the forward
+    dW                                     never computed: the 4-bit weight is frozen
+
+So between steps the layer holds only its packed codes and their QuantState (4.127 bits per
+weight), never a float copy of W — that is the whole memory saving of QLoRA over LoRA (lecture
+003: a 7B base in 3.6 GB instead of 14 GB). The price is dequantizing twice per step.
+"""
+
+from __future__ import annotations
+
+import numpy
+
+from minift.autograd.elementwise import ShapeError, counted_matmul
+from minift.autograd.function import Function
+from minift.cuda import kernels
+from minift.nn.layers import Linear
+from minift.nn.module import Module, Parameter
+from minift.quant.nf4 import DEFAULT_BLOCKSIZE, dequantize_nf4_by_byte, quantize_nf4
+
+
+def on_gpu(array) -> bool:
+    return kernels.is_cupy_array(array)
+
+
+def dequantize(packed, state, dtype):
+    """NF4 codes -> float weight: the CUDA kernel (kernels/nf4_dequant.cu) when the codes live on
+    a GPU, else ``dequantize_nf4_by_byte`` (the table-per-byte twin of the plain
+    ``dequantize_nf4``) — all three agree bit for bit."""
+    if on_gpu(packed) and numpy.dtype(dtype) in (numpy.float32, numpy.float16):
+        return kernels.dequantize_nf4(packed, state, dtype=dtype)
+    return dequantize_nf4_by_byte(packed, state, dtype=dtype)
+
+class NF4Linear(Function):
+    """y = x W^T + b with W held as NF4 codes (``packed``, ``state``) and dequantized on the fly.
+
+        dx = g W        (W dequantized again into a temporary)
+        db = sum of g over rows
+        dW: none — W is not an input of this op, only a setting.
+    Saves: nothing; the packed codes are referenced, and no float W outlives either pass.
+    """
+
+    @staticmethod
+    def forward(ctx, x, bias=None, *, packed, state):
+        out_features, in_features = state.shape
+        if x.shape[-1] != in_features:
+            raise ShapeError(f"linear4bit: input of shape {x.shape} does not fit a weight of shape "
+                             f"{state.shape} (expected last input axis = {in_features})")
+        ctx.packed, ctx.state = packed, state
+        w = dequantize(packed, state, dtype=x.dtype)  # temporary float W (out, in)
+        y = counted_matmul(x.reshape(-1, in_features), w.T).reshape(*x.shape[:-1], out_features)
+        del w
+        if bias is not None:
+            y += bias
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        needs = ctx.needs_input_grad
+        dx = None
+        if needs[0]:
+            w = dequantize(ctx.packed, ctx.state, dtype=g.dtype)  # the same W, decoded again
+            dx = counted_matmul(g.reshape(-1, g.shape[-1]), w).reshape(*g.shape[:-1], w.shape[1])
+            del w
+        grads = (dx,)
+        if len(needs) == 2:
+            grads += (g.reshape(-1, g.shape[-1]).sum(axis=0) if needs[1] else None,)
+        return grads
+
+
+class Linear4bit(Module):
+    """A frozen NF4 weight (packed codes + ``quant_state``, not a Parameter) and an optional float
+    bias (a Parameter). ``compute_dtype`` is the float type W is dequantized to, and the dtype a
+    LoRA adapter on top of this layer is made in."""
+
+    def __init__(self, packed, quant_state, bias: Parameter | None = None, compute_dtype=numpy.float32):
+        super().__init__()
+        if len(quant_state.shape) != 2:
+            raise ValueError(f"Linear4bit needs a 2-D (out, in) weight, got shape {quant_state.shape}")
+        self.packed, self.quant_state = packed, quant_state
+        self.bias = bias
+        self.compute_dtype = numpy.dtype(compute_dtype)
+
+    @classmethod
+    def from_linear(cls, linear: Linear, blocksize: int = DEFAULT_BLOCKSIZE, double_quant: bool = True) -> Linear4bit:
+        """Quantize ``linear``'s weight to NF4; its bias is kept as it is (same Parameter)."""
+        packed, state = quantize_nf4(linear.weight.data, blocksize, double_quant)
+        return cls(packed, state, linear.bias, compute_dtype=linear.weight.dtype)
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        return self.quant_state.shape
+
+    @property
+    def out_features(self) -> int:
+        return self.quant_state.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.quant_state.shape[1]
+
+    @property
+    def blocksize(self) -> int:
+        return self.quant_state.blocksize
+
+    @property
+    def num_frozen_weights(self) -> int:
+        """The weights this layer stores in 4 bits: not Parameters, but part of the model's size
+        (``Module.num_parameters`` counts them, so QLoRA's trainable % is not overstated)."""
+        out_features, in_features = self.quant_state.shape
+        return out_features * in_features
+
+    @property
+    def double_quant(self) -> bool:
+        return self.quant_state.nested
+
+    def dequantized_weight(self, dtype=None):
+        """A fresh float (out, in) array of W as the 4 bits encode it (``compute_dtype`` by default)."""
+        return dequantize(self.packed, self.quant_state, dtype=dtype or self.compute_dtype)
+
+    def requantize(self, weight) -> None:
+        """Store ``weight`` (out, in) in NF4 in place of the current one, with the same block size
+        and double quantization. What comes back out is ``weight`` plus a new rounding error."""
+        if tuple(weight.shape) != self.weight_shape:
+            raise ValueError(f"requantize: weight of shape {tuple(weight.shape)} for a layer of shape "
+                             f"{self.weight_shape}")
+        self.packed, self.quant_state = quantize_nf4(weight, self.blocksize, self.double_quant)
+
+    def storage_nbytes(self) -> dict[str, int]:
+        """Bytes held between steps, by storage type (the memory ledger's weight rows)."""
+        return {"nf4 codes": int(self.packed.nbytes), "quant state": self.quant_state.nbytes,
+                "fp32": 0 if self.bias is None else int(self.bias.data.nbytes)}
+
+    def forward(self, x):
+        inputs = (x,) if self.bias is None else (x, self.bias)
+        return NF4Linear.apply(*inputs, packed=self.packed, state=self.quant_state)
+
+    def __repr__(self) -> str:
+        dq = ", double_quant" if self.double_quant else ""
+        return (f"Linear4bit(in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, "
+                f"nf4 blocksize={self.blocksize}{dq})")
+
+
+def quantize_model(model: Module, blocksize: int = DEFAULT_BLOCKSIZE, double_quant: bool = True,
+                   skip: tuple[str, ...] = ("lm_head", "embed")) -> list[str]:
+    """Replace every ``Linear`` of ``model`` by a ``Linear4bit`` (in place), except those whose
+    dotted name contains one of ``skip``; returns the names replaced.
+
+    The embedding (and a tied or separate output head) stays in float, as in QLoRA: it is a
+    lookup table, not a matmul weight, and it is small next to the blocks. Quantize *before*
+    adding LoRA adapters — the adapters are trained in float and must not be quantized.
+    """
+    if any(hasattr(module, "lora_A") for _, module in model.named_modules()):
+        raise ValueError("quantize_model: the model already has LoRA adapters; quantize the base model "
+                         "first, then add the adapters (QLoRA's order)")
+    names = [name for name, module in model.named_modules()
+             if isinstance(module, Linear) and not any(s in name for s in skip)]
+    for name in names:
+        model.set_submodule(name, Linear4bit.from_linear(model.get_submodule(name), blocksize, double_quant))
+    return names
+
+
+def dequantize_model(model: Module) -> list[str]:
+    """Replace every ``Linear4bit`` by a float ``Linear`` holding its dequantized weight (in place).
+
+    Used before merging a QLoRA adapter for export: merging into the float weights adds s B A
+    exactly, whereas merging into the 4-bit base would round the sum to NF4 once more.
+    """
+    names = [name for name, module in model.named_modules() if isinstance(module, Linear4bit)]
+    for name in names:
+        layer = model.get_submodule(name)
+        dense = Linear(layer.in_features, layer.out_features, dtype=layer.compute_dtype)
+        dense.weight = Parameter(layer.dequantized_weight(), requires_grad=False)
+        dense.bias = layer.bias
+        model.set_submodule(name, dense)
+    return names

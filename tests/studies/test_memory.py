@@ -1,0 +1,92 @@
+"""The memory ledger (issue 10): predictions from the config agree with tracemalloc measurements of
+a real training step, and lecture 003's 7B table comes out of the same formulas."""
+
+import pytest
+
+from minift.cli import main
+from minift.io import save_model
+from minift.models import LlamaConfig, LlamaForCausalLM
+from minift.studies.memory import MIXED, ROWS, ledger, llama_shape, parameter_counts, predict, projection
+from minift.training.methods import MethodOptions
+
+# Large enough that arrays dwarf the Python objects around them (~0.1 MB), small enough to step in a second.
+CONFIG = LlamaConfig(vocab_size=1024, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=704, max_seq_len=128)
+OPTIONS = MethodOptions(lora_r=32)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return LlamaForCausalLM(CONFIG)
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_every_predicted_row_is_within_10_percent_of_tracemalloc(model, method):
+    result = ledger(model, method, batch=4, seq=64, options=OPTIONS)
+    for row in ROWS:
+        if result.measured[row] == 0:
+            assert result.predicted[row] == 0, row
+            continue
+        assert abs(result.error(row)) < 0.10, f"{row}: {result}"
+    if method == "qlora":  # read from nbytes on both sides: exact
+        for row in ("weights nf4 codes", "weights nf4 state"):
+            assert result.predicted[row] == result.measured[row] > 0
+    assert "activations" in str(result) and "%" in str(result)
+
+
+def test_the_predicted_rows_tell_the_lecture_story():
+    rows = {m: predict(CONFIG, m, 4, 64, OPTIONS) for m in ("full", "lora", "qlora", "last")}
+    n = sum(p.size for p in LlamaForCausalLM(CONFIG).parameters())
+    assert rows["full"]["weights fp32"] == rows["full"]["gradients"] == 4 * n
+    assert rows["full"]["optimizer state"] == 8 * n
+    assert rows["lora"]["gradients"] == rows["qlora"]["gradients"] < rows["full"]["gradients"] / 10
+    assert rows["lora"]["activations"] < rows["full"]["activations"]  # frozen linears save no input
+    assert rows["qlora"]["activations"] == rows["lora"]["activations"]
+    quantized = sum(rows["qlora"][r] for r in ("weights nf4 codes", "weights nf4 state"))
+    assert 8 * quantized / parameter_counts(CONFIG)["linear"] == pytest.approx(4.127, abs=0.002)
+    assert rows["last"]["activations"] < rows["full"]["activations"] / 1.5  # frozen blocks keep nothing
+    for method, r in rows.items():
+        assert r["peak"] > sum(r[k] for k in ("weights fp32", "weights nf4 codes", "optimizer state")), method
+
+
+def test_the_ledger_refuses_methods_it_does_not_model():
+    with pytest.raises(ValueError, match="predicts methods"):
+        predict(CONFIG, "prefix", 1, 8)
+
+
+def test_lecture_003s_7b_table_from_the_same_formulas():
+    table = projection(7e9)
+    gb = 1e9
+    assert table["full"]["optimizer state"] == 84 * gb  # fp32 master + m + v = 12 B per parameter
+    assert table["full"]["weights fp32"] == table["full"]["gradients"] == 14 * gb  # bf16
+    assert 15 * gb < table["lora"]["peak"] < 17 * gb  # lecture: 16 GB
+    assert 5.5 * gb < table["qlora"]["peak"] < 7 * gb  # lecture: 6 GB
+    nf4 = table["qlora"]["weights nf4 codes"] + table["qlora"]["weights nf4 state"]
+    shape = llama_shape(7e9)
+    assert (shape.n_layers, shape.dim, shape.ffn_dim) == (32, 4096, 11008)  # Llama-2 7B
+    counts = parameter_counts(shape)
+    linear = 7e9 * counts["linear"] / sum(counts.values())  # 96% of the weights are block Linears
+    assert 8 * nf4 / linear == pytest.approx(4.127, abs=0.001)
+    assert table["qlora"]["activations"] == table["lora"]["activations"]
+    assert MIXED.checkpointing
+
+
+def test_minift_memory_prints_the_projection_with_its_assumptions(capsys):
+    assert main(["memory", "--params", "7e9"]) == 0
+    out = capsys.readouterr().out
+    assert "84.00" in out and "gradient checkpointing" in out and "bf16" in out and "qlora" in out
+
+
+def test_minift_memory_measures_a_saved_model(tmp_path, capsys):
+    save_model(LlamaForCausalLM(LlamaConfig(vocab_size=64, dim=64, n_layers=1, n_heads=2, n_kv_heads=1,
+                                            ffn_dim=128, max_seq_len=32)), tmp_path)
+    assert main(["memory", "--model", str(tmp_path), "--method", "qlora", "--batch", "2", "--seq", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "method qlora" in out and "weights nf4 codes" in out and "measured" in out
+    assert main(["memory"]) == 1
+
+
+def test_activations_grow_with_the_square_of_the_sequence_only_through_attention():
+    short, long = (predict(CONFIG, "full", 1, t)["activations"] for t in (32, 64))
+    attention = 4 * CONFIG.n_layers * CONFIG.n_heads * (64 * 64 - 2 * 32 * 32)
+    rope = 4 * 2 * CONFIG.head_dim * (64 - 2 * 32)
+    assert long - 2 * short == attention + rope

@@ -1,0 +1,149 @@
+"""The Trainer: learning, freezing, accumulation, exact resume, NaN handling, outputs (issue 3)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+import minift.autograd.functional as F
+from minift.backend import to_numpy
+from minift.data import ByteTokenizer, DataLoader, TextDataset
+from minift.models import LlamaConfig, LlamaForCausalLM
+from minift.nn import freeze_layers
+from minift.training import TrainConfig, Trainer, TrainingError, causal_lm_loss
+
+TEXT = ("The quick brown fox jumps over the lazy dog. " * 40
+        + "A stitch in time saves nine. Many hands make light work. " * 30)
+TOK = ByteTokenizer()
+TINY = dict(vocab_size=TOK.vocab_size, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
+
+
+def tiny_model(seed=0):
+    return LlamaForCausalLM(LlamaConfig(**TINY), seed=seed)
+
+
+def loader(batch_size=4, seed=0):
+    return DataLoader(TextDataset(TEXT, TOK, 32), batch_size, seed=seed, pad_id=TOK.pad_id)
+
+
+def config(**kw):
+    base = dict(max_steps=10, lr=3e-3, warmup_ratio=0.1, progress=False, plot=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def snapshot(model):
+    return {n: to_numpy(p.data).copy() for n, p in model.named_parameters()}
+
+
+def test_a_tiny_model_overfits_one_batch_to_near_zero_loss():
+    model = tiny_model()
+    batch = next(iter(loader(batch_size=2)))
+
+    class OneBatch:
+        def __iter__(self):
+            yield batch
+
+        def state_dict(self):
+            return {}
+
+    history = Trainer(model, config(max_steps=150, lr=1e-2, schedule="constant", warmup_ratio=0.0,
+                                    weight_decay=0.0), OneBatch()).train()
+    assert history.losses[0] > 4.0
+    assert history.losses[-1] < 0.05
+
+
+def test_full_fine_tuning_changes_every_parameter_and_freezing_changes_none_of_the_frozen():
+    full = tiny_model()
+    before = snapshot(full)
+    Trainer(full, config(max_steps=3), loader()).train()
+    after = snapshot(full)
+    assert all(not np.array_equal(before[n], after[n]) for n in before)
+
+    partly = tiny_model()
+    frozen = set(freeze_layers(partly, 2))
+    before = snapshot(partly)
+    trainer = Trainer(partly, config(max_steps=3), loader())
+    trainer.train()
+    after = snapshot(partly)
+    for n in before:
+        assert np.array_equal(before[n], after[n]) == (n in frozen), n
+    assert len(trainer.optimizer.state) == len([p for p in partly.parameters() if p.requires_grad])
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    big = next(iter(loader(batch_size=4, seed=1)))
+    halves = [{k: v[:2] for k, v in big.items()}, {k: v[2:] for k, v in big.items()}]
+    one, two = tiny_model(), tiny_model()
+    F.cross_entropy(one(big["input_ids"]), big["labels"]).backward()
+    for half in halves:
+        (causal_lm_loss(two, half) / 2).backward()
+    for (name, a), (_, b) in zip(one.named_parameters(), two.named_parameters()):
+        np.testing.assert_allclose(b.grad, a.grad, rtol=1e-4, atol=1e-7, err_msg=name)
+
+
+def test_a_stopped_and_resumed_run_gives_the_same_losses_as_one_run(tmp_path):
+    straight = Trainer(tiny_model(), config(max_steps=8), loader()).train().losses
+
+    first = Trainer(tiny_model(), config(max_steps=8, out_dir=str(tmp_path)), loader())
+    first.train(until=5)  # saves a checkpoint at step 5 on the way out
+
+    resumed = Trainer(tiny_model(seed=123), config(max_steps=8, out_dir=str(tmp_path)), loader())
+    assert resumed.resume()
+    assert resumed.step == 5
+    losses = resumed.train().losses
+    assert losses[5:] == straight[5:]
+
+
+def test_outputs_metrics_checkpoint_and_plot(tmp_path):
+    trainer = Trainer(tiny_model(), config(max_steps=4, out_dir=str(tmp_path), plot=True, eval_every=2),
+                      loader(), eval_loader=loader())
+    trainer.train()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [2, 4]
+    losses = [r for r in rows if "loss" in r]
+    assert all(math.isfinite(r["loss"]) for r in losses)
+    # transformers' warmup starts at lr = 0: the very first update is a zero step
+    assert losses[0]["lr"] == 0 and all(r["lr"] > 0 for r in losses[1:])
+    assert (tmp_path / "curves.png").stat().st_size > 5000
+    assert (tmp_path / "latest").read_text() == "step-000004"
+    assert sorted(p.name for p in (tmp_path / "step-000004").iterdir()) == [
+        "optimizer.safetensors", "state.json", "trainable.safetensors"]
+
+
+def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path):
+    model = tiny_model()
+    trainer = Trainer(model, config(max_steps=6, out_dir=str(tmp_path), save_every=2), loader())
+    calls = {"n": 0}
+
+    def poisoned_after_three_steps(m, batch):
+        calls["n"] += 1
+        loss = causal_lm_loss(m, batch)
+        return loss * float("nan") if calls["n"] > 3 else loss
+
+    trainer.loss_fn = poisoned_after_three_steps
+    with pytest.raises(TrainingError, match=r"loss became nan at step 4.*step-000002.*intact"):
+        trainer.train()
+    saved = (tmp_path / "step-000002" / "trainable.safetensors").read_bytes()
+    before_nan = snapshot(model)
+    from minift.io import load_file
+
+    checkpoint = load_file(tmp_path / "step-000002" / "trainable.safetensors")
+    assert set(checkpoint) == set(before_nan) and len(saved) > 0
+    assert all(np.isfinite(v).all() for v in before_nan.values())
+
+
+def test_everything_frozen_is_a_clear_error():
+    model = tiny_model()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(TrainingError, match="no trainable parameter"):
+        Trainer(model, config(), loader())
+
+
+def test_bad_train_config_values_are_rejected():
+    with pytest.raises(ValueError, match="lr"):
+        TrainConfig(lr=0)
+    with pytest.raises(ValueError, match="max_steps"):
+        TrainConfig(max_steps=0)
