@@ -24,7 +24,7 @@ import platform
 from datetime import date
 from pathlib import Path
 
-import numpy
+import numpy as np
 
 from minift.data import bundled_path
 from minift.models import ATTENTION_PROJECTIONS, LlamaConfig, LlamaForCausalLM
@@ -35,15 +35,15 @@ from minift.studies.qlora_merge import format_merge_drift, merge_drift
 RESULTS = Path(__file__).parent / "results"
 
 
-def smollm2_weights(model, blocks: int = 4) -> numpy.ndarray:
+def smollm2_weights(model, blocks: int = 4) -> np.ndarray:
     """The block Linear weights of the first ``blocks`` blocks, flattened into one array."""
     names = [n for n, _ in model.named_parameters() if n.endswith("_proj.weight") and ".layers." in n
              and int(n.split(".layers.")[1].split(".")[0]) < blocks]
     params = dict(model.named_parameters())
-    return numpy.concatenate([numpy.asarray(params[n].data).reshape(-1) for n in names])
+    return np.concatenate([np.asarray(params[n].data).reshape(-1) for n in names])
 
 
-def run_errors(label: str, weights: numpy.ndarray) -> list[dict]:
+def run_errors(label: str, weights: np.ndarray) -> list[dict]:
     print(f"\n== round-trip error, {label} ({weights.size:,} weights)")
     rows = error_table(weights)
     print(format_error_table(rows))
@@ -65,11 +65,11 @@ def main() -> None:
     args = parser.parse_args()
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {date.today()}"
     print(f"machine: {machine}")
-    gaussian = (numpy.random.default_rng(0).standard_normal(1 << 20) * 0.02).astype(numpy.float32)
+    gaussian = (np.random.default_rng(0).standard_normal(1 << 20) * 0.02).astype(np.float32)
     results = {"machine": machine, "errors": {"gaussian": run_errors("N(0, 0.02) weights", gaussian)}}
     small = LlamaForCausalLM(LlamaConfig(vocab_size=260, dim=256, n_layers=4, n_heads=4, n_kv_heads=2,
                                          ffn_dim=704, max_seq_len=128))
-    ids = numpy.random.default_rng(0).integers(0, 260, (2, args.tokens))
+    ids = np.random.default_rng(0).integers(0, 260, (2, args.tokens))
     results["merge"] = {"small random llama": run_merge("small random Llama (dim 256, 4 blocks)", small, ids)}
     if args.smollm2:
         from minift import load_pretrained  # noqa: PLC0415 - fetches the model on first use
@@ -77,7 +77,7 @@ def main() -> None:
         model, tok = load_pretrained("smollm2")
         results["errors"]["smollm2"] = run_errors("SmolLM2 blocks 0-3 (Q4_1 in the GGUF)", smollm2_weights(model))
         text = bundled_path("general_heldout.txt").read_text()
-        ids = numpy.asarray(tok.encode(text)[: 2 * args.tokens]).reshape(2, args.tokens)
+        ids = np.asarray(tok.encode(text)[: 2 * args.tokens]).reshape(2, args.tokens)
         results["merge"]["smollm2"] = run_merge("SmolLM2-135M, held-out English text", model, ids)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "quant_study.json").write_text(json.dumps(results, indent=1))

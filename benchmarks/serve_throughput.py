@@ -29,7 +29,7 @@ from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
-import numpy
+import numpy as np
 
 from minift.models import LlamaForCausalLM
 from minift.serve.engine import Request, build_engine
@@ -40,7 +40,7 @@ RESULTS = Path(__file__).parent / "results"
 
 def make_requests(n: int, names: list[str], max_tokens: int, seed: int = 0) -> list[Request]:
     """Prompts of 8-40 byte tokens, adapters assigned round-robin."""
-    rng = numpy.random.default_rng(seed)
+    rng = np.random.default_rng(seed)
     return [Request(rng.integers(32, 127, rng.integers(8, 41)).tolist(), names[i % len(names)], max_tokens)
             for i in range(n)]
 

@@ -19,7 +19,7 @@ Backward. With g = dL/dy (M, N) and u = g B (M, R) (the gradient reaching t is s
 
 Each is one of the kernels below: u = g B is a shrink (with B^T as the "A"), dx an expand
 (with A^T as the "B"), dA and dB are lora_grad_weight (C = s U^T V, a reduction over the M rows).
-minift/kernels.py launches them; minift/kernels_reference.py is the NumPy definition of each.
+minift/cuda/kernels.py launches them; minift/cuda/reference.py is the NumPy definition of each.
 
 Kernels and versions
     lora_shrink_v1     one thread per output t[m, j], a serial loop over K. The 32 threads of a

@@ -232,7 +232,7 @@ def serving_requests(draw, names, vocab_size: int, max_prompt: int, max_new: int
     return mix
 
 
-# ---- CUDA kernels (tests/kernels) -----------------------------------------------------------
+# ---- CUDA kernels (tests/cuda) --------------------------------------------------------------
 #: Values that break careless kernels: signed zeros, huge magnitudes (1e9: a product of four of
 #: them, 1e36, still fits in float32, so the float64 reference stays comparable), subnormals.
 KERNEL_SPECIAL_VALUES = (0.0, -0.0, 1e9, -1e9, 3.5e8, 1e-40, -1e-40, 1.4e-45, 2.0**-126)

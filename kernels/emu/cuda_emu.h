@@ -2,7 +2,7 @@
 //
 // Every kernels/*.cu file is the only text of its kernels. On a GPU, NVRTC compiles it. Here, g++
 // compiles the *same file* with this header force-included (g++ -include cuda_emu.h), and
-// minift/cuda_emu.py calls the kernels through ctypes. The execution model:
+// minift/cuda/emulator.py calls the kernels through ctypes. The execution model:
 //
 //   launch(grid, block):  blockDim.x*y*z real std::threads are started: the thread pool of this
 //                         launch. The blocks of the grid run one after another on that pool.
@@ -287,7 +287,7 @@ inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
 
 // ---- dynamic shared memory ---------------------------------------------------------------------
 // `extern __shared__ T name[];` cannot be spelled with a macro (`extern static` is no C++), so the
-// build step (minift/cuda_emu.py) rewrites that one declaration into this macro: a pointer to the
+// build step (minift/cuda/emulator.py) rewrites that one declaration into this macro: a pointer to the
 // launch's dynamic buffer (blocks run one at a time, so one buffer serves every block).
 #define CUDA_EMU_DYNAMIC_SHARED(T, name) T* const name = reinterpret_cast<T*>(cuda_emu::dynamic_shared)
 

@@ -4,7 +4,7 @@ The emulator path always runs; the CuPy path runs where CuPy sees a GPU. Each ke
 a few fixed shapes (odd sizes, a single row, sizes off the tile grid) and compared with
 ``minift/cuda/reference.py`` (NF4 dequantization bit for bit: its tolerance is zero).
 The table reports the largest error and the largest error as a fraction of the allowed tolerance
-(``kernels_reference.float32_tolerance``); a kernel passes when that fraction is <= 1.
+(``minift.cuda.reference.float32_tolerance``); a kernel passes when that fraction is <= 1.
 """
 
 from __future__ import annotations

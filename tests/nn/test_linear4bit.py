@@ -168,8 +168,7 @@ def test_on_a_gpu_the_layer_dequantizes_with_the_cuda_kernel(monkeypatch):
 
     from minift.autograd import Tensor
     from minift.cuda import kernels
-    from minift.nn import Linear, Linear4bit
-    from minift.nn import linear4bit
+    from minift.nn import Linear, Linear4bit, linear4bit
 
     layer = Linear4bit.from_linear(Linear(128, 64, rng=np.random.default_rng(0)))
     x = Tensor(np.random.default_rng(1).normal(size=(3, 128)).astype(np.float32))
