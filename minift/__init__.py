@@ -18,7 +18,7 @@ _EXPORTS = {
     "load_pretrained": "minift.training.pretrained",
 }
 
-__all__ = ["Tensor", "__version__", "get_backend", "load_pretrained", "no_grad", "set_backend"]  # = _EXPORTS + version
+__all__ = ["Tensor", "__version__", "get_backend", "load_pretrained", "no_grad", "set_backend"]  # tests/test_layers.py
 
 
 def __getattr__(name: str):

@@ -69,29 +69,34 @@ def test_imports_only_point_down():
         own = unit_of(".".join(path.relative_to(ROOT).with_suffix("").parts))
         for line, target in minift_imports(path):
             other = unit_of(target)
-            if other == own or other == "__init__":
+            if other == own:
                 continue
-            if ranks[other] >= ranks[own]:
+            if other not in ranks:  # `import minift` or `from minift import Tensor`: the lazy front door
+                violations.append(f"{path.relative_to(ROOT)}:{line} imports {target} through minift/__init__.py, "
+                                  "which can load any layer; import it from the module that owns it")
+            elif ranks[other] >= ranks[own]:
                 violations.append(f"{path.relative_to(ROOT)}:{line} imports {target} "
                                   f"({other}, rank {ranks[other]}) from {own} (rank {ranks[own]})")
     assert not violations, "imports that do not point down:\n" + "\n".join(violations)
 
 
 def test_the_walker_sees_a_violation(tmp_path):
-    """The check above can fail: an upward import written the three ways Python allows is found."""
+    """The check above can fail: upward imports written every way Python allows are found, and so
+    is an import of the front door (``import minift``)."""
     (tmp_path / "minift" / "nn").mkdir(parents=True)
     bad = tmp_path / "minift" / "nn" / "bad.py"
-    bad.write_text("import minift.serve\nfrom minift.training import Trainer\n"
+    bad.write_text("import minift\nimport minift.serve\nfrom minift.training import Trainer\n"
                    "def f():\n    from minift import studies\n    from ..peft import lora\n")
     found = [unit_of(target) for _, target in minift_imports(bad, tmp_path)]
-    assert sorted(found) == ["peft", "serve", "studies", "training"]
+    assert sorted(found) == ["__init__", "peft", "serve", "studies", "training"]
 
 
 def loaded_after(statement: str) -> set[str]:
     """Top-level names of the non-standard-library modules loaded by ``statement`` in a fresh Python."""
     code = ("import sys\nbefore = set(sys.modules)\n"
             f"{statement}\n"
-            "print(' '.join(sorted({m.split('.')[0] for m in set(sys.modules) - before} - set(sys.stdlib_module_names))))")
+            "new = {m.split('.')[0] for m in set(sys.modules) - before}\n"
+            "print(' '.join(sorted(new - set(sys.stdlib_module_names))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     return set(out.stdout.split())
 
@@ -107,3 +112,19 @@ def test_import_minift_loads_nothing_until_a_name_is_used():
             "minift.Tensor([1.0])\n"
             "assert 'minift.autograd' in sys.modules and 'minift.training' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_every_name_of_the_front_door_resolves():
+    import minift  # noqa: PLC0415
+
+    assert set(minift.__all__) == {*minift._EXPORTS, "__version__"}
+    for name in minift.__all__:
+        assert getattr(minift, name) is not None
+    with pytest.raises(AttributeError, match="no attribute 'Trainer'"):
+        minift.Trainer  # noqa: B018 - the lookup is the test
+
+
+def test_inside_the_package_numpy_is_spelled_out():
+    """docs/design.md: ``numpy.`` means the host, ``xp.`` the active backend; ``np`` would blur it."""
+    short = [str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*.py") if "import numpy as np" in p.read_text()]
+    assert not short, f"import numpy (not as np) in: {short}"
