@@ -4,26 +4,21 @@ The wrapper mirrors PEFT's object layout — ``PeftModel.base_model`` (a ``LoraM
 ``.model`` is the original network — so parameter names come out exactly as in PEFT:
 ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight``. On disk the adapter
 name is dropped (``...q_proj.lora_A.weight``), as PEFT does, in ``adapter_model.safetensors``
-next to ``adapter_config.json``.
+next to ``adapter_config.json``; ``minift.io.peft_adapter`` writes, reads and checks that folder.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import json
 from pathlib import Path
 
 import numpy
 
 from minift.backend import asarray
-from minift.io.safetensors import atomic_write_bytes, load_file, save_file
+from minift.io.peft_adapter import read_adapter_folder, write_adapter_folder
 from minift.nn import Module, ModuleDict, trainable_report
 from minift.peft.lora import LoraConfig, LoraLinear, lora_layers, target_module_names
-
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PREFIX = "base_model.model."
 
 
 class ModulesToSave(Module):
@@ -220,22 +215,15 @@ class PeftModel(Module):
 
     def save_pretrained(self, folder: str | Path, adapter_name: str | None = None) -> Path:
         """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's format)."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         name = adapter_name or self.active_adapter
-        save_file(self.adapter_state_dict(name), folder / WEIGHTS_NAME, metadata={"format": "pt"})
-        config = self.peft_config[name].to_peft_dict()
-        atomic_write_bytes(folder / CONFIG_NAME, [json.dumps(config, indent=2).encode()])
-        return folder
+        state = self.adapter_state_dict(name)
+        return write_adapter_folder(folder, self.peft_config[name].to_peft_dict(), state)
 
     def load_adapter(self, folder: str | Path, adapter_name: str) -> None:
         """Add the adapter saved in ``folder`` under ``adapter_name`` and load its weights."""
-        folder = Path(folder)
-        if not (folder / CONFIG_NAME).exists():
-            raise FileNotFoundError(f"{folder} holds no {CONFIG_NAME}")
-        config = LoraConfig.from_peft_dict(json.loads((folder / CONFIG_NAME).read_text()))
+        config, saved = _read(folder)
         self.add_adapter(adapter_name, config)
-        self._load_weights(load_file(folder / WEIGHTS_NAME), adapter_name, folder)
+        self._load_weights(saved, adapter_name, folder)
 
     def _load_weights(self, saved: dict, name: str, folder) -> None:
         expected = {k: v for k, v in self.adapter_state_dict(name).items()}
@@ -255,13 +243,16 @@ class PeftModel(Module):
     @classmethod
     def from_pretrained(cls, model: Module, folder: str | Path, adapter_name: str = "default") -> PeftModel:
         """Wrap ``model`` and load the adapter saved in ``folder`` (by minift or by PEFT)."""
-        folder = Path(folder)
-        if not (folder / CONFIG_NAME).exists():
-            raise FileNotFoundError(f"{folder} holds no {CONFIG_NAME}")
-        config = LoraConfig.from_peft_dict(json.loads((folder / CONFIG_NAME).read_text()))
+        config, saved = _read(folder)
         peft_model = cls(model, config, adapter_name)
-        peft_model._load_weights(load_file(folder / WEIGHTS_NAME), adapter_name, folder)
+        peft_model._load_weights(saved, adapter_name, folder)
         return peft_model
+
+
+def _read(folder: str | Path) -> tuple[LoraConfig, dict]:
+    """The adapter in ``folder``, checked by the format's reader, its config parsed for LoRA."""
+    config, saved = read_adapter_folder(folder)
+    return LoraConfig.from_peft_dict(config), saved
 
 
 def _in_memory_name(saved_key: str, adapter: str, own: dict) -> str:

@@ -6,27 +6,25 @@ library keeps every adapter's A and B in *host* memory, cast to the model's dtyp
 module they adapt; ``AdapterSlots`` copies the ones a batch needs into the device slots.
 
 Loading validates everything up front, so that a request can never meet a half-fitting adapter:
-every saved tensor must name a Linear layer of the base model, come as an A/B pair of the
-adapter's rank, and have that layer's shapes.
+``minift.io.peft_adapter`` checks the folder itself (the config's fields, complete A/B pairs of
+the adapter's rank, finite values); here every pair must name a Linear layer of the base model
+and have that layer's shapes, and nothing but A/B pairs may be saved.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy
 
-from minift.io import load_file
+from minift.io import lora_pairs, read_adapter_folder
 from minift.nn import Linear, Module
 from minift.peft.lora import LoraConfig
-from minift.peft.peft_model import CONFIG_NAME, PREFIX, WEIGHTS_NAME
 from minift.serve.multi_lora import MultiLoraLinear
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<which>[AB])\.weight")
 
 
 class AdapterError(ValueError):
@@ -59,45 +57,28 @@ def _base_shape(model: Module, module: str, where: str) -> tuple[int, int]:
     return tuple(layer.weight.shape)
 
 
-def _pairs(saved: dict, where: str) -> dict[str, dict[str, numpy.ndarray]]:
-    """Group saved tensors into {module: {"A": .., "B": ..}}; anything else is an error."""
-    pairs: dict[str, dict[str, numpy.ndarray]] = {}
-    for key, value in saved.items():
-        found = _KEY.fullmatch(key)
-        if not key.startswith(PREFIX) or not found:
-            raise AdapterError(f"{where}: tensor {key!r} is not a LoRA A/B weight; multi-LoRA serving "
-                               "supports plain LoRA (no modules_to_save, no bias training)")
-        pairs.setdefault(found["module"][len(PREFIX):], {})[found["which"]] = value
-    for module, pair in pairs.items():
-        if set(pair) != {"A", "B"}:
-            raise AdapterError(f"{where}: {module} has lora_{next(iter(pair))} but not its partner")
-    if not pairs:
-        raise AdapterError(f"{where}: no LoRA weights in {WEIGHTS_NAME}")
-    return pairs
-
-
 def read_adapter(model: Module, name: str, folder: str | Path) -> Adapter:
     """Load the PEFT adapter in ``folder`` and check it against ``model``'s layer shapes."""
-    folder = Path(folder)
     where = f"adapter {name!r} ({folder})"
-    if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
-        raise AdapterError(f"{where}: a PEFT adapter folder needs {CONFIG_NAME} and {WEIGHTS_NAME}")
     try:
-        config = LoraConfig.from_peft_dict(json.loads((folder / CONFIG_NAME).read_text()))
-    except (ValueError, TypeError) as exc:
+        saved_config, saved = read_adapter_folder(folder)
+        config = LoraConfig.from_peft_dict(saved_config)
+    except (OSError, ValueError, TypeError) as exc:
         raise AdapterError(f"{where}: {exc}") from None
     if config.bias != "none" or config.modules_to_save:
         raise AdapterError(f"{where}: bias={config.bias!r} / modules_to_save are not served; plain LoRA only")
-    dtype = model.dtype
-    weights = {}
-    for module, pair in sorted(_pairs(load_file(folder / WEIGHTS_NAME), where).items()):
+    pairs, rest = lora_pairs(saved)
+    if rest:
+        raise AdapterError(f"{where}: tensor {min(rest)!r} is not a LoRA A/B weight; multi-LoRA serving "
+                           "supports plain LoRA (no modules_to_save, no bias training)")
+    dtype, weights = model.dtype, {}
+    for module, (a, b) in sorted(pairs.items()):
         d_out, d_in = _base_shape(model, module, where)
-        want = {"A": (config.r, d_in), "B": (d_out, config.r)}
-        for which, shape in want.items():
-            if tuple(pair[which].shape) != shape:
-                raise AdapterError(f"{where}: {module}.lora_{which} has shape {tuple(pair[which].shape)}; "
+        for which, array, shape in (("A", a, (config.r, d_in)), ("B", b, (d_out, config.r))):
+            if array.shape != shape:
+                raise AdapterError(f"{where}: {module}.lora_{which} has shape {array.shape}; "
                                    f"rank {config.r} on this base model needs {shape}")
-        weights[module] = (pair["A"].astype(dtype), pair["B"].astype(dtype))
+        weights[module] = (a.astype(dtype), b.astype(dtype))
     return Adapter(name, config.r, config.scaling, weights)
 
 

@@ -17,10 +17,9 @@ from pathlib import Path
 import numpy
 
 from minift.data import ByteTokenizer
-from minift.io import atomic_write_bytes, save_file
+from minift.io import lora_tensors, write_adapter_folder
 from minift.models import ATTENTION_PROJECTIONS, LlamaConfig, LlamaForCausalLM
 from minift.peft.lora import LoraConfig, init_lora_A, target_module_names
-from minift.peft.peft_model import CONFIG_NAME, PREFIX, WEIGHTS_NAME
 from minift.serve.engine import ServingEngine
 from minift.serve.server import CompletionServer
 
@@ -34,17 +33,14 @@ def bench_config(vocab_size: int) -> LlamaConfig:
 def write_random_adapter(model, folder: str | Path, rank: int, targets=ATTENTION_PROJECTIONS, seed: int = 0,
                          std: float = 0.05) -> Path:
     """A PEFT-format adapter with random A and a non-zero B, as an adapter looks after training."""
-    folder = Path(folder)
     config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets))
     rng = numpy.random.default_rng(seed)
-    tensors = {}
+    pairs = {}
     for module in target_module_names(model, config):
         d_out, d_in = model.get_submodule(module).weight.shape
-        tensors[f"{PREFIX}{module}.lora_A.weight"] = init_lora_A((rank, d_in), True, rng).astype(numpy.float32)
-        tensors[f"{PREFIX}{module}.lora_B.weight"] = rng.normal(0.0, std, (d_out, rank)).astype(numpy.float32)
-    save_file(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
-    atomic_write_bytes(folder / CONFIG_NAME, [json.dumps(config.to_peft_dict(), indent=2).encode()])
-    return folder
+        pairs[module] = (init_lora_A((rank, d_in), True, rng).astype(numpy.float32),
+                         rng.normal(0.0, std, (d_out, rank)).astype(numpy.float32))
+    return write_adapter_folder(folder, config.to_peft_dict(), lora_tensors(pairs))
 
 
 def synthetic_setup(folder: str | Path, n_adapters: int, ranks=(4, 8, 16), seed: int = 0):

@@ -147,7 +147,7 @@ def move_to_layer_7(tensors):
 
 @pytest.mark.parametrize("change, message", [
     (lambda t, c: t.update({f"{Q}.lora_A.weight": np.zeros((1, 31))}), r"lora_A has shape \(1, 31\)"),
-    (lambda t, c: c.update(r=2), r"rank 2 on this base model needs \(2, 32\)"),
+    (lambda t, c: c.update(r=2), r"lora_A of shape \(1, 32\) and lora_B of shape \(32, 1\), but r=2"),
     (lambda t, c: t.pop(f"{Q}.lora_B.weight"), "has lora_A but not its partner"),
     (lambda t, c: move_to_layer_7(t), "has no layer 'model.layers.7.self_attn.q_proj'"),
     (lambda t, c: t.update({"base_model.model.model.norm.weight": np.ones(32)}), "not a LoRA A/B weight"),
