@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "library's choice; 1 for the demo's tiny model)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="pretrain a tiny model, fine-tune it three ways, compare")
+    p = sub.add_parser("demo", help="pretrain a tiny model, fine-tune it seven ways, compare")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--fast", action="store_true", help="a few steps only (smoke test)")
     p.set_defaults(func=cmd_demo)

@@ -2,10 +2,12 @@
 
 1. Pretrain a tiny byte-level Llama on the bundled general-English corpus: the "pretrained
    model" that already knows some language.
-2. Fine-tune copies of it on the bundled insurer instruction set with each method (full,
-   frozen bottom blocks, last-layer tuning), the loss masked on prompt tokens.
-3. Show what changed: answers before/after, the domain loss (learning) and the perplexity on
-   held-out general text (forgetting, lecture 000), as a table and a plot.
+2. Fine-tune copies of it on the bundled insurer instruction set with each of the seven methods
+   (full, frozen bottom blocks, last-layer tuning, LoRA, QLoRA, adapters, prefixes), the loss
+   masked on prompt tokens: the comparison of ``minift.studies.experiment``.
+3. Show what changed: answers before/after, the domain loss (learning), the perplexity on
+   held-out general text and the general-fact accuracy (forgetting, lecture 000), as a table
+   and a plot, and how low-rank the full fine-tuning's weight change is.
 """
 
 from __future__ import annotations
@@ -15,29 +17,33 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from minift.data import ByteTokenizer, DataLoader, InstructionDataset, TextDataset, bundled_path, load_jsonl, load_qa
+from minift.data import ByteTokenizer, DataLoader, TextDataset, bundled_path, load_jsonl
 from minift.io import save_model
 from minift.models import LlamaConfig, LlamaForCausalLM
 from minift.peft.delta import delta_report
-from minift.training import TrainConfig, Trainer, evaluate_loss, perplexity
-from minift.training.evaluation import qa_accuracy
-from minift.training.methods import prepare_model
-
-#: Methods that train few parameters take larger steps (lecture 000's 1e-5..5e-5 is for full
-#: fine-tuning of billion-parameter models; a tiny model and adapters tolerate far more).
-LEARNING_RATES = {"full": 1e-3, "freeze": 1e-3, "last": 1e-3, "lora": 5e-3, "qlora": 5e-3, "adapter": 3e-3,
-                  "prefix": 1e-2}
+from minift.studies.experiment import (
+    TINY_MODEL_LEARNING_RATES,
+    Recipe,
+    Yardsticks,
+    compare_methods,
+    first,
+    general_sets,
+    insurer_sets,
+)
+from minift.training import TrainConfig, Trainer
 
 SYSTEM_PROMPT = "You are the assistant of Northwind Mutual, an insurance company."
 
 
 @dataclass
 class DemoSettings:
+    """The demo's knobs: the defaults take a few minutes on a laptop, ``fast()`` seconds."""
+
     pretrain_steps: int = 300
     finetune_steps: int = 70
     methods: tuple[str, ...] = ("full", "freeze", "last", "lora", "qlora", "adapter", "prefix")
     block_size: int = 128
-    batch_size: int = 16
+    batch_size: int = 16  # of pretraining; fine-tuning takes batches of 8
     eval_examples: int | None = None  # None: the whole held-out sets
     seed: int = 0
 
@@ -46,8 +52,21 @@ class DemoSettings:
         """A seconds-long run for tests and CI: same code path, fewer steps, smaller evals."""
         return cls(pretrain_steps=20, finetune_steps=8, block_size=64, batch_size=4, eval_examples=16)
 
+    def recipe(self, train_set, out_dir: Path, progress: bool) -> Recipe:
+        """Fine-tuning of every copy: batches of 8, linear decay at the tiny model's rates, each
+        method's curves under ``out_dir/<method>``."""
+        return Recipe(train_set, self.finetune_steps, 8, TINY_MODEL_LEARNING_RATES, "linear", self.seed, progress,
+                      out_dir)
+
+    def yardsticks(self, tokenizer, eval_set) -> Yardsticks:
+        """The first ``eval_examples`` of each held-out set (all for None), 16 to a batch."""
+        n = self.eval_examples
+        qa, general = general_sets(tokenizer, self.block_size, 16, blocks=n, questions=n)
+        return Yardsticks(DataLoader(first(eval_set, n), 16, shuffle=False, pad_id=tokenizer.pad_id), general, qa)
+
 
 def tiny_config(vocab_size: int) -> LlamaConfig:
+    """A Llama small enough to pretrain in minutes on a CPU, with every part of a real one (GQA, SwiGLU)."""
     return LlamaConfig(vocab_size=vocab_size, dim=128, n_layers=4, n_heads=4, n_kv_heads=2,
                        ffn_dim=352, max_seq_len=384)
 
@@ -64,6 +83,8 @@ def answer(model, tokenizer, question: str, max_new_tokens: int = 80) -> str:
 
 
 def pretrain(settings: DemoSettings, tokenizer, out_dir: Path, progress: bool):
+    """A tiny model trained on general English and saved to ``out_dir/pretrained``: the base
+    every method fine-tunes, with some general knowledge for fine-tuning to lose."""
     text = bundled_path("general_corpus.txt").read_text(encoding="utf-8")
     loader = DataLoader(TextDataset(text, tokenizer, settings.block_size), settings.batch_size,
                         seed=settings.seed, pad_id=tokenizer.pad_id)
@@ -75,63 +96,32 @@ def pretrain(settings: DemoSettings, tokenizer, out_dir: Path, progress: bool):
     return model
 
 
-def measure(model, tokenizer, domain_eval, general_eval, qa_records) -> dict:
-    """Domain loss (what fine-tuning should lower); general perplexity and general-fact
-    accuracy (what it may damage: catastrophic forgetting)."""
-    return {"domain_loss": evaluate_loss(model, domain_eval),
-            "general_ppl": perplexity(evaluate_loss(model, general_eval)),
-            "qa_accuracy": qa_accuracy(model, tokenizer, qa_records, mode="cloze")}
-
-
 def run_demo(out_dir: str | Path = "runs/demo", settings: DemoSettings | None = None,
              progress: bool = True) -> dict:
+    """Pretrain, fine-tune a copy per method, report; returns the numbers and answers per model."""
     settings = settings or DemoSettings()
     out_dir = Path(out_dir)
     started = time.perf_counter()
     tok = ByteTokenizer()
     print("== 1. pretraining a tiny Llama on general English (the 'pretrained model')")
     base = pretrain(settings, tok, out_dir, progress)
-    base_state = {k: v.copy() for k, v in base.state_dict().items()}
-
-    max_len = base.config.max_seq_len
-    train_set = InstructionDataset(bundled_path("insurer_train.jsonl"), tok, max_len, system_prompt=SYSTEM_PROMPT)
-    eval_set = InstructionDataset(bundled_path("insurer_eval.jsonl"), tok, max_len, system_prompt=SYSTEM_PROMPT)
-    heldout = TextDataset(bundled_path("general_heldout.txt").read_text(encoding="utf-8"), tok, settings.block_size)
-    n_eval = settings.eval_examples
-    domain_eval = DataLoader(_first(eval_set, n_eval), 16, shuffle=False, pad_id=tok.pad_id)
-    general_eval = DataLoader(_first(heldout, n_eval), 16, shuffle=False, pad_id=tok.pad_id)
+    train_set, eval_set = insurer_sets(tok, base.config.max_seq_len, SYSTEM_PROMPT)
     questions = [_question(r) for r in load_jsonl(bundled_path("insurer_eval.jsonl"))[:2]]
-    qa_records = load_qa(bundled_path("general_qa.jsonl"))[:n_eval]
-
-    before = measure(base, tok, domain_eval, general_eval, qa_records)
-    results = {"pretrained": {**before, "trainable_pct": 0.0,
-                              "answers": [answer(base, tok, q) for q in questions]}}
-    for method in settings.methods:
-        print(f"\n== 2. fine-tuning with method '{method}'")
-        fresh = LlamaForCausalLM(base.config)
-        fresh.load_state_dict(base_state)
-        model, description = prepare_model(fresh, method)
-        print(description)
-        loader = DataLoader(train_set, 8, seed=settings.seed, pad_id=tok.pad_id)
-        config = TrainConfig(max_steps=settings.finetune_steps, lr=LEARNING_RATES[method], warmup_ratio=0.1,
-                             schedule="linear", out_dir=str(out_dir / method), progress=progress)
-        Trainer(model, config, loader).train()
-        after = measure(model, tok, domain_eval, general_eval, qa_records)
-        results[method] = {**after, "trainable_pct": 100 * model.num_parameters(True) / model.num_parameters(),
-                           "answers": [answer(model, tok, q) for q in questions]}
-        if method == "full":
-            report_delta(delta_report(base_state, model), out_dir / "delta_spectrum.png")
+    print("\n== 2. fine-tuning a copy of the pretrained model with each method")
+    runs = compare_methods(base, tok, settings.methods, settings.recipe(train_set, out_dir, progress),
+                           settings.yardsticks(tok, eval_set))
+    results = {}
+    for name, model, numbers, _ in runs:
+        results[name] = {**numbers, "answers": [answer(model, tok, q) for q in questions]}
+        if name == "full":
+            report_delta(delta_report(base.state_dict(), model), out_dir / "delta_spectrum.png")
     report(results, questions, out_dir)
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; outputs in {out_dir}/")
     return results
 
 
-def _first(dataset, n: int | None):
-    """The first ``n`` examples (all of them for None) — a DataLoader takes any sequence."""
-    return dataset if n is None else [dataset[i] for i in range(min(n, len(dataset)))]
-
-
 def _question(record: dict) -> str:
+    """The first user message of a bundled record, in either of its formats (chat or Alpaca)."""
     if "messages" in record:
         return next(m["content"] for m in record["messages"] if m["role"] == "user")
     return record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")

@@ -18,28 +18,18 @@ by how much, and at what training cost per step.
 
 from __future__ import annotations
 
-import copy
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from minift.data import DataLoader, InstructionDataset, TextDataset, bundled_path, load_qa
-from minift.training import TrainConfig, Trainer, evaluate_loss, perplexity
-from minift.training.evaluation import qa_accuracy
-from minift.training.methods import prepare_model
-
-#: Learning rates, high on purpose. Lecture 000's 1e-5..5e-5 for full fine-tuning (and ~1e-3 for
-#: LoRA) is for runs of thousands of steps; in the 10 steps this measurement can afford on a
-#: laptop, SmolLM2 at those rates learns the domain a little and forgets nothing measurable.
-#: Six times higher, the forgetting shows within minutes. The new weights of LoRA, adapters and
-#: prefixes start at or near zero and take ten times larger steps than the pretrained ones.
-LEARNING_RATES = {"full": 3e-4, "freeze": 3e-4, "last": 3e-4, "lora": 3e-3, "qlora": 3e-3, "adapter": 3e-3,
-                  "prefix": 1e-2}
+from minift.data import DataLoader
+from minift.studies.experiment import LEARNING_RATES, Recipe, Yardsticks, compare_methods, general_sets, insurer_sets
 
 
 @dataclass
 class ForgettingSettings:
+    """The study's knobs; the defaults take minutes on a laptop with SmolLM2 (``minift forgetting``)."""
+
     methods: tuple[str, ...] = ("full", "freeze", "lora")
     steps: int = 10
     batch_size: int = 4
@@ -50,31 +40,17 @@ class ForgettingSettings:
     seed: int = 0
     progress: bool = True
 
+    def recipe(self, train_set) -> Recipe:
+        """How each copy is trained: ``lr`` for every method if given, else its LEARNING_RATES
+        entry; cosine decay; no files written (the table is the result)."""
+        rates = LEARNING_RATES if self.lr is None else dict.fromkeys(LEARNING_RATES, self.lr)
+        return Recipe(train_set, self.steps, self.batch_size, rates, "cosine", self.seed, self.progress)
+
 
 def general_eval_sets(tokenizer, settings: ForgettingSettings):
     """(QA records, loader of held-out text blocks): the yardsticks, fixed across methods."""
-    qa = load_qa(bundled_path("general_qa.jsonl"))[:settings.qa_questions]
-    text = TextDataset(bundled_path("general_heldout.txt").read_text(), tokenizer, settings.block_size)
-    blocks = [text[i] for i in range(min(settings.ppl_blocks, len(text)))]
-    return qa, DataLoader(blocks, settings.batch_size, shuffle=False, pad_id=tokenizer.pad_id)
-
-
-def measure(model, tokenizer, qa, heldout) -> dict:
-    """General-ability numbers of ``model``: QA accuracy (chat) and held-out perplexity."""
-    return {"qa_accuracy": qa_accuracy(model, tokenizer, qa, mode="cloze"),
-            "perplexity": perplexity(evaluate_loss(model, heldout))}
-
-
-def finetune(base, tokenizer, method: str, settings: ForgettingSettings, train_set) -> tuple[object, float]:
-    """A copy of ``base`` fine-tuned with ``method`` -> (model, seconds per training step)."""
-    model, description = prepare_model(copy.deepcopy(base), method)
-    print(description)
-    loader = DataLoader(train_set, settings.batch_size, seed=settings.seed, pad_id=tokenizer.pad_id)
-    config = TrainConfig(max_steps=settings.steps, lr=settings.lr or LEARNING_RATES[method], warmup_ratio=0.1,
-                         schedule="cosine", progress=settings.progress, seed=settings.seed)
-    start = time.perf_counter()
-    Trainer(model, config, loader).train()
-    return model, (time.perf_counter() - start) / settings.steps
+    return general_sets(tokenizer, settings.block_size, settings.batch_size, blocks=settings.ppl_blocks,
+                        questions=settings.qa_questions)
 
 
 def measure_forgetting(model, tokenizer, settings: ForgettingSettings | None = None) -> list[dict]:
@@ -85,22 +61,21 @@ def measure_forgetting(model, tokenizer, settings: ForgettingSettings | None = N
     trained. Also records the domain loss on ``insurer_eval.jsonl``, the learning side.
     """
     s = settings or ForgettingSettings()
-    qa, heldout = general_eval_sets(tokenizer, s)
     system = getattr(tokenizer, "default_system_prompt", None)
-    max_len = model.config.max_seq_len
-    train_set = InstructionDataset(bundled_path("insurer_train.jsonl"), tokenizer, max_len, system_prompt=system)
-    domain = DataLoader(InstructionDataset(bundled_path("insurer_eval.jsonl"), tokenizer, max_len,
-                                           system_prompt=system), s.batch_size, shuffle=False, pad_id=tokenizer.pad_id)
+    train_set, eval_set = insurer_sets(tokenizer, model.config.max_seq_len, system)
+    qa, heldout = general_eval_sets(tokenizer, s)
+    domain = DataLoader(eval_set, s.batch_size, shuffle=False, pad_id=tokenizer.pad_id)
     print("measuring the pretrained model")
-    rows = [{"method": "pretrained", "trainable_pct": 0.0, "s_per_step": 0.0,
-             **measure(model, tokenizer, qa, heldout), "domain_loss": evaluate_loss(model, domain)}]
-    for method in s.methods:
-        print(f"\nfine-tuning with '{method}' for {s.steps} steps")
-        tuned, seconds = finetune(model, tokenizer, method, s, train_set)
-        rows.append({"method": method, "trainable_pct": 100 * tuned.num_parameters(True) / tuned.num_parameters(),
-                     "s_per_step": seconds, **measure(tuned, tokenizer, qa, heldout),
-                     "domain_loss": evaluate_loss(tuned, domain)})
-    return rows
+    runs = compare_methods(model, tokenizer, s.methods, s.recipe(train_set), Yardsticks(domain, heldout, qa))
+    return [_row(name, numbers, seconds) for name, _, numbers, seconds in runs]
+
+
+def _row(method: str, numbers: dict, seconds: float) -> dict:
+    """A row of the table and of ``forgetting.json``, in their column order (the general
+    perplexity is ``perplexity`` here: notebook 09 and earlier JSON files use that name)."""
+    return {"method": method, "trainable_pct": numbers["trainable_pct"], "s_per_step": seconds,
+            "qa_accuracy": numbers["qa_accuracy"], "perplexity": numbers["general_ppl"],
+            "domain_loss": numbers["domain_loss"]}
 
 
 def format_table(rows: list[dict]) -> str:

@@ -6,9 +6,10 @@ from dataclasses import replace
 import pytest
 
 from minift.cli import main
-from minift.data import ByteTokenizer, DataLoader, InstructionDataset, bundled_path
+from minift.data import ByteTokenizer, DataLoader
 from minift.models import LlamaConfig, LlamaForCausalLM
-from minift.studies.forgetting import ForgettingSettings, finetune, format_table, general_eval_sets, run_forgetting
+from minift.studies.experiment import LEARNING_RATES, finetune, insurer_sets
+from minift.studies.forgetting import ForgettingSettings, format_table, general_eval_sets, run_forgetting
 from minift.training import evaluate_loss, perplexity
 
 TOK = ByteTokenizer()
@@ -41,12 +42,12 @@ def test_cli_rejects_unknown_methods(capsys):
     assert "unknown method(s) magic" in capsys.readouterr().err
 
 
-
-def test_every_method_has_a_default_learning_rate():
-    from minift.studies.forgetting import LEARNING_RATES
-    from minift.training.methods import METHODS
-
-    assert set(LEARNING_RATES) == set(METHODS)
+def test_the_lr_setting_replaces_every_methods_rate():
+    """``minift forgetting --lr``: one rate for all methods; without it, each method its own."""
+    default, override = ForgettingSettings().recipe([]), ForgettingSettings(lr=1e-4).recipe([])
+    assert [default.config(m).lr for m in ("full", "lora")] == [LEARNING_RATES["full"], LEARNING_RATES["lora"]]
+    assert [override.config(m).lr for m in ("full", "lora")] == [1e-4, 1e-4]
+    assert default.config("full").out_dir is None  # the study writes its table, not each copy's curves
 
 
 def test_saving_a_plot_keeps_the_callers_matplotlib_backend(tmp_path):
@@ -88,10 +89,7 @@ def test_a_smaller_learning_rate_forgets_less_on_smollm2(smollm2):
     model, tok = smollm2
     settings = ForgettingSettings(steps=6, batch_size=2, ppl_blocks=6, progress=False)
     _, heldout = general_eval_sets(tok, replace(settings, qa_questions=0))
-    train_set = InstructionDataset(bundled_path("insurer_train.jsonl"), tok, model.config.max_seq_len,
-                                   system_prompt=tok.default_system_prompt)
-    eval_set = InstructionDataset(bundled_path("insurer_eval.jsonl"), tok, model.config.max_seq_len,
-                                  system_prompt=tok.default_system_prompt)
+    train_set, eval_set = insurer_sets(tok, model.config.max_seq_len, tok.default_system_prompt)
     domain = DataLoader([eval_set[i] for i in range(0, len(eval_set), 5)], 11, shuffle=False, pad_id=tok.pad_id)
 
     def general_ppl_and_domain_loss(m):
@@ -100,7 +98,7 @@ def test_a_smaller_learning_rate_forgets_less_on_smollm2(smollm2):
     ppl_before, domain_before = general_ppl_and_domain_loss(model)
     results = {}
     for lr in (5e-4, 1e-4):
-        tuned, _ = finetune(model, tok, "full", replace(settings, lr=lr), train_set)
+        tuned, _ = finetune(model, tok, "full", replace(settings, lr=lr).recipe(train_set))
         results[lr] = general_ppl_and_domain_loss(tuned)
     (ppl_high, domain_high), (ppl_low, domain_low) = results[5e-4], results[1e-4]
     assert ppl_high > 1.05 * ppl_before, (ppl_before, ppl_high)  # the high rate forgets
