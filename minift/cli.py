@@ -1,4 +1,4 @@
-"""The ``minift`` command: demo, train, finetune, generate, eval.
+"""The ``minift`` command: demo, train, finetune, generate, eval, export.
 
     minift demo                                   the whole story on bundled data (minutes)
     minift train --data corpus.txt --out runs/tiny            pretrain a tiny model from scratch
@@ -17,6 +17,9 @@
     minift memory --params 7e9                    lecture 003's memory table (full / LoRA / QLoRA), assumptions printed
     minift memory --model runs/tiny --method qlora --batch 4 --seq 64     predicted vs measured (tracemalloc)
     minift kernels check                          every CUDA kernel vs its NumPy reference (emulator, GPU)
+
+    minift export --model runs/ft --format hf --out exports/ft             a Hugging Face folder (transformers, vLLM)
+    minift export --model smollm2 --adapter runs/q/adapter --format gguf --dtype q8_0 --out smol.gguf   llama.cpp
 """
 
 from __future__ import annotations
@@ -36,8 +39,9 @@ from minift.nn import dequantize_model, trainable_report
 from minift.peft import PeftModel
 from minift.studies.memory import LEDGER_METHODS
 from minift.training import TrainConfig, Trainer, TrainingError, evaluate_loss, perplexity
+from minift.training.export import FORMATS, export_model, format_drift
 from minift.training.methods import METHODS, MethodOptions, prepare_model
-from minift.training.pretrained import load_pretrained, save_pretrained
+from minift.training.pretrained import base_model_reference, load_pretrained, save_pretrained
 
 
 def _system_prompt(args, tok):
@@ -102,13 +106,31 @@ def cmd_finetune(args) -> None:
         eval_loader = DataLoader(eval_set, args.batch_size, shuffle=False, pad_id=tok.pad_id)
     _run(Trainer(model, _train_config(args, Path(args.out)), loader, eval_loader), args.resume)
     if isinstance(model, PeftModel):
+        # the base is named as PEFT needs it (hub id or absolute path), so the adapter folder stands alone
+        model.peft_config[model.active_adapter].base_model_name_or_path = base_model_reference(args.model)
         model.save_pretrained(Path(args.out) / "adapter")
-        print(f"LoRA adapter saved in PEFT format to {Path(args.out) / 'adapter'}")
+        print(f"LoRA adapter saved in PEFT format to {Path(args.out) / 'adapter'} (base: {args.model})")
+        if not args.save_merged:
+            return
         dequantize_model(model)  # QLoRA: merge into float weights (exact) and save those, not NF4
         model = model.merge_and_unload()
     surgery = {"method": args.method, **asdict(options)} if args.method in ("adapter", "prefix") else None
     save_pretrained(model, tok, args.out, surgery=surgery)
-    print(f"model saved to {args.out}")
+    print(f"model saved to {args.out}" + ("" if surgery else " as a Hugging Face folder"))
+
+
+def cmd_export(args) -> None:
+    report = export_model(args.model, args.out, args.format, adapter=args.adapter, adapter_base=args.adapter_base,
+                          dtype=args.dtype)
+    if args.adapter:
+        print(f"merged the adapter {args.adapter} into the {report.adapter_base}")
+        print(format_drift({"merged model": report.drift}, "logits vs. unmerged, as trained"))
+    kind = "Hugging Face folder" if report.fmt == "hf" else "GGUF file"
+    print(f"wrote {report.path} ({kind}, {report.dtype}):")
+    for name, size in report.files.items():
+        print(f"  {name:<32}{size:>15,} bytes")
+    if len(report.files) > 1:
+        print(f"  {'total':<32}{sum(report.files.values()):>15,} bytes")
 
 
 def _complete(model, tok, text: str, args, stop: bool) -> str:
@@ -297,8 +319,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bottleneck", type=int, default=16, help="adapter width (method adapter)")
     p.add_argument("--prefix-tokens", type=int, default=8, help="virtual tokens (method prefix)")
     p.add_argument("--system", help="system prompt added to every example")
+    p.add_argument("--save-merged", action="store_true",
+                   help="lora/qlora: also save the model with the adapter merged in, as a Hugging Face folder in --out")
     _add_training_flags(p)
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("export", help="write a model (an adapter merged in) as a Hugging Face folder or a GGUF file")
+    p.add_argument("--model", required=True, help="a model folder, a .gguf file, or smollm2")
+    p.add_argument("--adapter", help="a PEFT LoRA adapter folder to merge into the model first")
+    p.add_argument("--adapter-base", choices=("nf4", "float"), help="merge into the dequantized NF4 base "
+                   "(QLoRA; default when the adapter records it) or the original float weights")
+    p.add_argument("--format", required=True, choices=tuple(FORMATS))
+    p.add_argument("--out", required=True, help="the folder (hf) or .gguf file (gguf) to create")
+    p.add_argument("--dtype", help="; ".join(f"{fmt}: {', '.join(dtypes)}" for fmt, dtypes in FORMATS.items())
+                   + " (default f32)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="continue a prompt (or answer it with --chat)")
     p.add_argument("prompt")

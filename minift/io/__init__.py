@@ -1,9 +1,11 @@
-"""File formats: safetensors (atomic writes), model folders (minift's and Hugging Face's), GGUF,
-PEFT adapter folders, tokenizer.json, and ``hub.py`` (fetching a known model file once into the cache).
+"""File formats: safetensors (atomic writes), model folders (minift's and Hugging Face's), GGUF
+(``gguf.py`` reads, ``gguf_writer.py`` writes), PEFT adapter folders, tokenizer.json, and
+``hub.py`` (fetching a known model file once into the cache).
 """
 
 from minift.io.gguf import GGUFError, load_gguf
-from minift.io.model_dir import load_hf_folder, load_model, read_model, save_model
+from minift.io.gguf_writer import write_gguf
+from minift.io.model_dir import load_hf_folder, load_model, read_model, save_hf_folder, save_model
 from minift.io.peft_adapter import (
     AdapterFormatError,
     check_adapter,
@@ -16,4 +18,4 @@ from minift.io.safetensors import SafetensorsError, atomic_write_bytes, load_fil
 
 __all__ = ["AdapterFormatError", "GGUFError", "SafetensorsError", "atomic_write_bytes", "check_adapter", "load_file",
            "load_gguf", "load_hf_folder", "load_model", "lora_pairs", "lora_tensors", "read_adapter_folder",
-           "read_model", "save_file", "save_model", "write_adapter_folder"]
+           "read_model", "save_file", "save_hf_folder", "save_model", "write_adapter_folder", "write_gguf"]

@@ -10,13 +10,15 @@ A GGUF file holds three things, in this order (little-endian throughout):
 The ``gguf`` package (maintained with llama.cpp) parses 1-3 and memory-maps the bytes. What
 this module writes out itself is everything that needs understanding:
 
-* **dequantization** (``dequantize_q8_0``, ``dequantize_q4_1``): the weights are stored in blocks
+* **dequantization** (``dequantize_q8_0``, ``dequantize_q4_0``, ``dequantize_q4_1``): the weights are stored in blocks
   of 32 numbers that share a scale; we turn them back into float32;
 * **dims**: GGUF lists dims fastest-varying first (``ne0, ne1`` = in, out for a weight), the
   reverse of NumPy's row-major shape, so a listed ``[576, 1536]`` is a NumPy ``(1536, 576)``,
   which is already PyTorch/HF's ``(out_features, in_features)``;
-* **names** (``minift_name``): ``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``;
-* **RoPE row order** (``unpermute_rope_rows``): llama.cpp's converter reorders the rows of Q and K.
+* **names** (``minift_name``): ``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``
+  (``gguf_name`` is the way back);
+* **RoPE row order** (``unpermute_rope_rows``): llama.cpp's converter reorders the rows of Q and K
+  (``permute_rope_rows`` reorders them again for the writer, ``minift.io.gguf_writer``).
 * **config** (``config_from_metadata``) from the ``llama.*`` keys.
 
 Everything is dequantized to float32 on load: minift trains in float32, and a 135M-parameter
@@ -42,6 +44,9 @@ class GGUFError(ValueError):
 
 #: Q8_0 block (llama.cpp ``block_q8_0``): 32 weights in 34 bytes, x_i = d * q_i.
 Q8_0_BLOCK = numpy.dtype([("d", "<f2"), ("q", "i1", (32,))])
+
+#: Q4_0 block (``block_q4_0``): 32 weights in 18 bytes, x_i = d * (q_i - 8) with 4-bit q_i.
+Q4_0_BLOCK = numpy.dtype([("d", "<f2"), ("qs", "u1", (16,))])
 
 #: Q4_1 block (``block_q4_1``): 32 weights in 20 bytes, x_i = d * q_i + m with 4-bit q_i.
 Q4_1_BLOCK = numpy.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", (16,))])
@@ -76,6 +81,17 @@ def dequantize_q4_1(raw: numpy.ndarray) -> numpy.ndarray:
     return (d * q + m).reshape(-1)
 
 
+def dequantize_q4_0(raw: numpy.ndarray) -> numpy.ndarray:
+    """Q4_0 bytes -> float32 weights, 32 per block.
+
+    Block layout (``block_q4_0``): ``d`` (float16 step), then 16 bytes of 4-bit codes q in
+    0..15 in Q4_1's nibble order. Weight i is ``d * (q[i] - 8)``: symmetric, no minimum.
+    """
+    blocks = raw.view(Q4_0_BLOCK)
+    q = numpy.concatenate([blocks["qs"] & 0x0F, blocks["qs"] >> 4], axis=1).astype(numpy.float32) - 8
+    return (blocks["d"].astype(numpy.float32)[:, None] * q).reshape(-1)
+
+
 def _f32(raw):
     return raw.view("<f4").astype(numpy.float32)
 
@@ -89,6 +105,7 @@ DEQUANTIZERS = {
     "F32": (1, 4, _f32),
     "F16": (1, 2, _f16),
     "Q8_0": (32, Q8_0_BLOCK.itemsize, dequantize_q8_0),
+    "Q4_0": (32, Q4_0_BLOCK.itemsize, dequantize_q4_0),
     "Q4_1": (32, Q4_1_BLOCK.itemsize, dequantize_q4_1),
 }
 
@@ -132,6 +149,31 @@ def minift_name(gguf_name: str) -> str:
     raise GGUFError(f"unknown GGUF tensor {gguf_name!r} for a Llama model")
 
 
+_HF_GLOBAL_NAMES = {hf: name for name, hf in _GLOBAL_NAMES.items()}
+_HF_BLOCK_NAMES = {hf: name for name, hf in _BLOCK_NAMES.items()}
+_HF_BLOCK_TENSOR = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
+
+
+def gguf_name(name: str) -> str:
+    """minift (= Hugging Face Llama) parameter name -> llama.cpp tensor name; the inverse of
+    ``minift_name``, used by the writer (``minift.io.gguf_writer``)."""
+    if match := _HF_BLOCK_TENSOR.fullmatch(name):
+        layer, part, kind = match.groups()
+        if part in _HF_BLOCK_NAMES:
+            return f"blk.{layer}.{_HF_BLOCK_NAMES[part]}.{kind}"
+    else:
+        base, _, kind = name.rpartition(".")
+        if base in _HF_GLOBAL_NAMES and kind in ("weight", "bias"):
+            return f"{_HF_GLOBAL_NAMES[base]}.{kind}"
+    raise GGUFError(f"{name!r} is not a tensor of a plain Llama: GGUF's 'llama' architecture has no name for it")
+
+
+def llama_tensor_names(config) -> set[str]:
+    """The GGUF names of the weights every Llama of ``config`` has (biases are optional extras)."""
+    names = {"token_embd.weight", "output_norm.weight"} | (set() if config.tie_embeddings else {"output.weight"})
+    return names | {f"blk.{i}.{part}.weight" for i in range(config.n_layers) for part in _BLOCK_NAMES}
+
+
 def unpermute_rope_rows(w: numpy.ndarray, n_heads: int) -> numpy.ndarray:
     """Undo llama.cpp's reordering of the rows of a Q or K projection (weight or bias).
 
@@ -146,6 +188,14 @@ def unpermute_rope_rows(w: numpy.ndarray, n_heads: int) -> numpy.ndarray:
     rows = w.shape[0]
     half = rows // n_heads // 2
     return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def permute_rope_rows(w: numpy.ndarray, n_heads: int) -> numpy.ndarray:
+    """Hugging Face row order -> llama.cpp's, the inverse of ``unpermute_rope_rows`` (what
+    ``convert_hf_to_gguf.py``'s ``LlamaModel.permute`` does): within each head, HF row ``i``
+    becomes row ``2i`` and HF row ``i + hd/2`` row ``2i + 1``."""
+    half = w.shape[0] // n_heads // 2
+    return w.reshape(n_heads, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 # ---- the file -------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ The format, as Hugging Face PEFT writes it for LoRA:
   adapter name dropped: ``base_model.model.`` + the module's name in the base model +
   ``.lora_A.weight`` for A, shape (r, d_in), and ``.lora_B.weight`` for B, shape (d_out, r).
   Other weights (``modules_to_save`` copies, trained biases) keep their plain names.
+  Its safetensors metadata may also say how the base was stored while the adapter was trained
+  (``minift.base``, see ``read_adapter_base``); PEFT ignores metadata it does not know.
 
 Whether the weights fit a *model* (a layer of that name and shape exists) needs the model, so the
 readers above check that; here is checked what the folder alone can tell.
@@ -34,6 +36,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _LORA_KEY = re.compile(re.escape(PREFIX) + r"(?P<module>.+)\.lora_(?P<which>[AB])\.weight")
 _RESAVE = "save the adapter again (save_pretrained in minift or PEFT)"
+BASE_KEY = "minift.base"  # safetensors metadata: the base's storage during training, as JSON
 
 
 class AdapterFormatError(ValueError):
@@ -68,15 +71,18 @@ def lora_pairs(tensors: dict, where: str | Path = WEIGHTS_NAME) -> tuple[dict, d
     return {module: (half["A"], half["B"]) for module, half in halves.items()}, rest
 
 
-def write_adapter_folder(folder: str | Path, config: dict, tensors: dict) -> Path:
+def write_adapter_folder(folder: str | Path, config: dict, tensors: dict, base: dict | None = None) -> Path:
     """Write ``config`` and ``tensors`` ({saved key: array}) as an adapter folder; -> the folder.
 
+    ``base`` (optional) records how the base model was stored during training, e.g.
+    ``{"quantization": "nf4", "blocksize": 64, "double_quant": True}`` for QLoRA; see ``read_adapter_base``.
     The same checks as on reading run first, so minift never writes an adapter it would refuse;
     each file is replaced atomically, so an interrupted save leaves the previous file whole."""
     folder = Path(folder)
     tensors = {key: to_numpy(array) for key, array in tensors.items()}
     check_adapter(config, tensors, folder)
-    save_file(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
+    metadata = {"format": "pt"} | ({BASE_KEY: json.dumps(base)} if base else {})
+    save_file(tensors, folder / WEIGHTS_NAME, metadata=metadata)
     atomic_write_bytes(folder / CONFIG_NAME, [json.dumps(config, indent=2).encode()])
     return folder
 
@@ -98,6 +104,28 @@ def read_adapter_folder(folder: str | Path) -> tuple[dict, dict]:
     tensors = load_file(folder / WEIGHTS_NAME)
     check_adapter(config, tensors, folder)
     return config, tensors
+
+
+def read_adapter_base(folder: str | Path) -> dict | None:
+    """How the base was stored while the adapter in ``folder`` was trained: ``{"quantization": "nf4",
+    "blocksize": int, "double_quant": bool}`` for a QLoRA adapter saved by minift, None otherwise
+    (a float base, or an adapter saved by PEFT, which does not record it).
+
+    It matters when merging: a QLoRA adapter learned to correct the NF4 base Q(W), not W."""
+    path = Path(folder) / WEIGHTS_NAME
+    _, metadata = load_file(path, with_metadata=True)
+    if BASE_KEY not in metadata:
+        return None
+    try:
+        base = json.loads(metadata[BASE_KEY])
+    except json.JSONDecodeError:
+        base = None
+    if not (isinstance(base, dict) and base.get("quantization") == "nf4" and type(base.get("blocksize")) is int
+            and base["blocksize"] > 0 and isinstance(base.get("double_quant"), bool)):
+        raise AdapterFormatError(f"{path}: metadata {BASE_KEY} is {metadata[BASE_KEY]!r}, expected "
+                                 '{"quantization": "nf4", "blocksize": <int>, "double_quant": <bool>}; '
+                                 f"{_RESAVE}")
+    return base
 
 
 def check_adapter(config, tensors: dict, folder: str | Path) -> None:

@@ -26,6 +26,8 @@ _DTYPES = {
     "U8": numpy.uint8, "U16": numpy.uint16, "U32": numpy.uint32, "U64": numpy.uint64, "BOOL": numpy.bool_,
 }
 _NAMES = {numpy.dtype(v): k for k, v in _DTYPES.items()}
+#: The dtypes ``save_file(..., dtype=...)`` can store floating-point tensors as.
+FLOAT_DTYPES = ("F32", "F16", "BF16")
 
 
 class SafetensorsError(ValueError):
@@ -50,21 +52,45 @@ def atomic_write_bytes(path: str | os.PathLike, chunks) -> None:
         raise
 
 
-def save_file(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-    """Save a name -> array dict (NumPy or CuPy arrays) as a safetensors file, atomically."""
-    arrays = {name: numpy.ascontiguousarray(to_numpy(a)) for name, a in sorted(tensors.items())}
+def to_bfloat16_bits(array) -> numpy.ndarray:
+    """The uint16 bit patterns of ``array`` as bfloat16, which NumPy lacks as a dtype.
+
+    bfloat16 is the top half of a float32 (same exponent, 7 mantissa bits), so rounding to
+    nearest-even adds 0x7FFF plus the lowest kept bit, then cuts: what PyTorch does. NaN stays NaN."""
+    values = numpy.asarray(array, numpy.float32)
+    bits = values.view(numpy.uint32)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(numpy.uint16)
+    return numpy.where(numpy.isnan(values), numpy.uint16(0x7FC0), rounded)
+
+
+def _stored(name: str, array: numpy.ndarray, dtype: str | None) -> tuple[str, numpy.ndarray]:
+    """(the safetensors dtype, the array whose bytes go to the file) of one tensor."""
+    if dtype is not None and array.dtype.kind == "f":
+        return dtype, to_bfloat16_bits(array) if dtype == "BF16" else array.astype(_DTYPES[dtype])
+    if array.dtype not in _NAMES:
+        raise SafetensorsError(f"{name}: dtype {array.dtype} cannot be stored in safetensors")
+    return _NAMES[array.dtype], array
+
+
+def save_file(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None,
+              dtype: str | None = None) -> None:
+    """Save a name -> array dict (NumPy or CuPy arrays) as a safetensors file, atomically.
+
+    ``dtype`` ("F32", "F16" or "BF16") stores every floating-point tensor in that precision,
+    rounded to nearest; None keeps each array's own dtype."""
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise SafetensorsError(f"cannot store tensors as {dtype!r}; choose one of {', '.join(FLOAT_DTYPES)}")
+    stored = {name: _stored(name, numpy.ascontiguousarray(to_numpy(a)), dtype) for name, a in sorted(tensors.items())}
     header, offset = {}, 0
-    for name, a in arrays.items():
-        if a.dtype not in _NAMES:
-            raise SafetensorsError(f"{name}: dtype {a.dtype} cannot be stored in safetensors")
-        header[name] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+    for name, (kind, a) in stored.items():
+        header[name] = {"dtype": kind, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
         offset += a.nbytes
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # align the data to 8 bytes, as the reference writer does
     chunks = [len(blob).to_bytes(8, "little"), blob]
-    chunks += [a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes() for a in arrays.values()]
+    chunks += [a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes() for _, a in stored.values()]
     atomic_write_bytes(path, chunks)
 
 

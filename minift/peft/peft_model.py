@@ -17,7 +17,7 @@ import numpy
 
 from minift.backend import asarray
 from minift.io.peft_adapter import read_adapter_folder, write_adapter_folder
-from minift.nn import Module, ModuleDict, trainable_report
+from minift.nn import Linear4bit, Module, ModuleDict, trainable_report
 from minift.peft.lora import LoraConfig, LoraLinear, lora_layers, target_module_names
 
 
@@ -214,10 +214,21 @@ class PeftModel(Module):
         return state
 
     def save_pretrained(self, folder: str | Path, adapter_name: str | None = None) -> Path:
-        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's format)."""
+        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's format); on an NF4
+        base (QLoRA) the file's metadata also records that, see ``base_storage``."""
         name = adapter_name or self.active_adapter
         state = self.adapter_state_dict(name)
-        return write_adapter_folder(folder, self.peft_config[name].to_peft_dict(), state)
+        return write_adapter_folder(folder, self.peft_config[name].to_peft_dict(), state, base=self.base_storage())
+
+    def base_storage(self) -> dict | None:
+        """``{"quantization": "nf4", "blocksize": .., "double_quant": ..}`` when the base holds NF4
+        layers, else None. A QLoRA adapter learned to correct Q(W), not W, so a later merge must
+        quantize the float base the same way and fold the adapter into its dequantized Q(W)."""
+        for _, module in self.model.named_modules():
+            if isinstance(module, Linear4bit):
+                return {"quantization": "nf4", "blocksize": int(module.blocksize),
+                        "double_quant": bool(module.double_quant)}
+        return None
 
     def load_adapter(self, folder: str | Path, adapter_name: str) -> None:
         """Add the adapter saved in ``folder`` under ``adapter_name`` and load its weights."""

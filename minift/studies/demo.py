@@ -8,18 +8,23 @@
 3. Show what changed: answers before/after, the domain loss (learning), the perplexity on
    held-out general text and the general-fact accuracy (forgetting, lecture 000), as a table
    and a plot, and how low-rank the full fine-tuning's weight change is.
+
+Every model ends in a folder ``minift generate --model <out>/<method>`` loads: the pretrained
+base and each fine-tuned copy as a Hugging Face folder (LoRA and QLoRA merged in), adapters and
+prefixes in minift's own format (a Llama ``config.json`` cannot describe their extra modules).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from minift.data import ByteTokenizer, DataLoader, TextDataset, bundled_path, load_jsonl
-from minift.io import save_model
 from minift.models import LlamaConfig, LlamaForCausalLM
+from minift.nn import dequantize_model
+from minift.peft import PeftModel
 from minift.peft.delta import delta_report
 from minift.studies.experiment import (
     TINY_MODEL_LEARNING_RATES,
@@ -31,6 +36,8 @@ from minift.studies.experiment import (
     insurer_sets,
 )
 from minift.training import TrainConfig, Trainer
+from minift.training.methods import MethodOptions
+from minift.training.pretrained import save_pretrained
 
 SYSTEM_PROMPT = "You are the assistant of Northwind Mutual, an insurance company."
 
@@ -92,8 +99,20 @@ def pretrain(settings: DemoSettings, tokenizer, out_dir: Path, progress: bool):
     config = TrainConfig(max_steps=settings.pretrain_steps, lr=3e-3, warmup_ratio=0.05, schedule="cosine",
                          weight_decay=0.1, out_dir=str(out_dir / "pretrain"), progress=progress)
     Trainer(model, config, loader).train()
-    save_model(model, out_dir / "pretrained")
+    save_pretrained(model, tokenizer, out_dir / "pretrained")
     return model
+
+
+def save_finetuned(model, tokenizer, method: str, folder: Path) -> None:
+    """Leave a copy fine-tuned with ``method`` (by ``compare_methods``, default options) in
+    ``folder``, loadable by ``minift generate``: a LoRA merged into its base (a QLoRA one into
+    the dequantized base), so the folder is a plain Hugging Face one; adapters and prefixes with
+    the record of their surgery, in minift's format."""
+    if isinstance(model, PeftModel):
+        dequantize_model(model)
+        model = model.merge_and_unload()
+    surgery = {"method": method, **asdict(MethodOptions())} if method in ("adapter", "prefix") else None
+    save_pretrained(model, tokenizer, folder, surgery=surgery)
 
 
 def run_demo(out_dir: str | Path = "runs/demo", settings: DemoSettings | None = None,
@@ -115,6 +134,8 @@ def run_demo(out_dir: str | Path = "runs/demo", settings: DemoSettings | None = 
         results[name] = {**numbers, "answers": [answer(model, tok, q) for q in questions]}
         if name == "full":
             report_delta(delta_report(base.state_dict(), model), out_dir / "delta_spectrum.png")
+        if name != "pretrained":
+            save_finetuned(model, tok, name, out_dir / name)
     report(results, questions, out_dir)
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; outputs in {out_dir}/")
     return results

@@ -19,23 +19,10 @@ import copy
 
 import numpy
 
-from minift.autograd import no_grad
 from minift.backend import to_numpy
 from minift.nn.linear4bit import Linear4bit, dequantize_model, quantize_model
 from minift.peft import LoraConfig, LoraLinear, get_peft_model
-
-
-def _logits(model, input_ids) -> numpy.ndarray:
-    with no_grad():
-        return to_numpy(model(input_ids).data).astype(numpy.float64)
-
-
-def _drift(logits, reference) -> dict[str, float]:
-    """Max and mean |difference|, norm relative to the reference, and how often the top token agrees."""
-    diff = logits - reference
-    return {"max_abs": float(numpy.abs(diff).max()), "mean_abs": float(numpy.abs(diff).mean()),
-            "relative": float(numpy.linalg.norm(diff) / numpy.linalg.norm(reference)),
-            "top1_agree": float((logits.argmax(-1) == reference.argmax(-1)).mean())}
+from minift.training.export import format_drift, logit_drift, model_logits
 
 
 def random_adapter(peft_model, relative_size: float = 0.02, seed: int = 0) -> None:
@@ -69,31 +56,29 @@ def merge_drift(model, config: LoraConfig, input_ids, blocksize: int = 64, relat
     qlora = get_peft_model(qlora, config)
     random_adapter(qlora, relative_size, seed)
     adapter = {n: p.data for n, p in qlora.named_parameters() if ".lora_" in n}
-    reference = _logits(qlora, input_ids)
+    reference = model_logits(qlora, input_ids)
     with qlora.disable_adapter():
-        rows = {"no adapter: NF4 vs float base": _drift(_logits(qlora, input_ids), _logits(model, input_ids))}
+        quantization_error = logit_drift(model_logits(qlora, input_ids), model_logits(model, input_ids))
+    rows = {"no adapter: NF4 vs float base": quantization_error}
 
     requantized = copy.deepcopy(qlora)
     requantized.merge_adapter()
-    rows["merged, re-quantized"] = _drift(_logits(requantized, input_ids), reference)
+    rows["merged, re-quantized"] = logit_drift(model_logits(requantized, input_ids), reference)
     del requantized
 
     dequantized = copy.deepcopy(qlora)
     dequantize_model(dequantized)
-    rows["merged into dequantized float"] = _drift(_logits(dequantized.merge_and_unload(), input_ids), reference)
-    del dequantized
+    merged = dequantized.merge_and_unload()
+    rows["merged into dequantized float"] = logit_drift(model_logits(merged, input_ids), reference)
+    del dequantized, merged
 
     original = get_peft_model(copy.deepcopy(model), config)
     for name, p in original.named_parameters():
         if name in adapter:
             p.data = adapter[name]
-    rows["merged into original float"] = _drift(_logits(original.merge_and_unload(), input_ids), reference)
+    rows["merged into original float"] = logit_drift(model_logits(original.merge_and_unload(), input_ids), reference)
     return rows
 
 
 def format_merge_drift(rows: dict[str, dict[str, float]]) -> str:
-    lines = [f"{'against the adapter kept separate':<34}{'max |dz|':>10}{'mean |dz|':>11}{'rel.':>9}{'top-1 same':>11}"]
-    for name, r in rows.items():
-        lines.append(f"{name:<34}{r['max_abs']:>10.2e}{r['mean_abs']:>11.2e}{r['relative']:>9.4f}"
-                     f"{100 * r['top1_agree']:>10.1f}%")
-    return "\n".join(lines)
+    return format_drift(rows, "against the adapter kept separate")

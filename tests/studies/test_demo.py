@@ -2,7 +2,9 @@
 
 import json
 
-from minift.studies.demo import DemoSettings, run_demo
+from minift import load_pretrained
+from minift.data import ByteTokenizer, bundled_path, load_jsonl
+from minift.studies.demo import DemoSettings, _question, answer, run_demo
 from minift.training.methods import METHODS
 
 
@@ -23,3 +25,12 @@ def test_the_fast_demo_runs_every_method_and_writes_its_report(tmp_path, capsys)
         assert (tmp_path / picture).stat().st_size > 5000, picture
     out = capsys.readouterr().out
     assert "general ppl" in out and "ΔW" in out
+    # every model ends in a folder that loads (`minift generate --model`) and answers as in the demo
+    question = _question(load_jsonl(bundled_path("insurer_eval.jsonl"))[0])
+    for name in results:
+        model, tok = load_pretrained(tmp_path / name)
+        assert isinstance(tok, ByteTokenizer)
+        kind = json.loads((tmp_path / name / "config.json").read_text()).get("model_type")
+        assert kind == (None if name in ("adapter", "prefix") else "llama"), name
+        if name not in ("lora", "qlora"):  # merging rounds: a long greedy answer may then differ
+            assert results[name]["answers"][0].startswith(answer(model, tok, question, 16)), name

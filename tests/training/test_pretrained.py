@@ -2,6 +2,7 @@
 safetensors + tokenizer.json), minift folders with a BPE tokenizer, and the error cases."""
 
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -9,11 +10,12 @@ import pytest
 from minift import load_pretrained
 from minift.data import ByteTokenizer
 from minift.data.bpe import BYTE_TO_CHAR, SYSTEM_DEFAULT_CHATML, BPETokenizer
-from minift.io import save_file
+from minift.io import save_file, save_model
 from minift.io.model_dir import llama_config_from_hf
 from minift.io.tokenizer_json import load_tokenizer_json, save_tokenizer_json
 from minift.models import LlamaConfig, LlamaForCausalLM
-from minift.training.pretrained import save_pretrained
+from minift.training.methods import MethodOptions, prepare_model
+from minift.training.pretrained import base_model_reference, save_pretrained
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]
@@ -96,10 +98,63 @@ def test_save_pretrained_keeps_the_bpe_tokenizer_with_the_weights(tmp_path):
     assert (loaded_tok.eos_id, loaded_tok.pad_id, loaded_tok.bos_id) == (2, 2, 1)
 
 
-def test_save_pretrained_of_a_byte_model_records_the_byte_tokenizer(tmp_path):
+def test_save_pretrained_writes_a_hugging_face_folder_a_byte_model_included(tmp_path):
     save_pretrained(model(), ByteTokenizer(), tmp_path / "b")
-    assert json.loads((tmp_path / "b" / "config.json").read_text())["tokenizer"] == "byte"
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["model_type"] == "llama"
     assert isinstance(load_pretrained(tmp_path / "b")[1], ByteTokenizer)
+
+
+@pytest.mark.parametrize("tok", [ByteTokenizer(), tokenizer()], ids=["byte", "bpe"])
+def test_folders_in_minifts_older_format_still_load(tmp_path, tok):
+    m = model()
+    if isinstance(tok, BPETokenizer):
+        save_tokenizer_json(tok, tmp_path)
+    save_model(m, tmp_path, tokenizer="byte" if isinstance(tok, ByteTokenizer) else "bpe")
+    loaded, loaded_tok = load_pretrained(tmp_path)
+    np.testing.assert_array_equal(logits(loaded), logits(m))
+    assert type(loaded_tok) is type(tok) and loaded_tok.encode(TEXT) == tok.encode(TEXT)
+
+
+def test_a_method_that_added_modules_is_saved_in_minifts_format_and_rebuilt(tmp_path):
+    surgery = {"method": "adapter", **asdict(MethodOptions(bottleneck=4))}
+    m, _ = prepare_model(model(), "adapter", MethodOptions(bottleneck=4))
+    with pytest.raises(ValueError, match="WithAdapter.*surgery"):
+        save_pretrained(m, ByteTokenizer(), tmp_path)
+    save_pretrained(m, ByteTokenizer(), tmp_path, surgery=surgery)
+    assert json.loads((tmp_path / "config.json").read_text())["surgery"]["method"] == "adapter"
+    np.testing.assert_array_equal(logits(load_pretrained(tmp_path)[0]), logits(m))
+
+
+def test_an_adapter_records_the_hub_id_or_the_absolute_path_of_its_base(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base").mkdir()
+    assert base_model_reference("smollm2") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert base_model_reference("base") == str(tmp_path / "base")
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_a_lora_run_folder_loads_as_its_base_with_the_adapter_on_it(tmp_path, method):
+    """``minift finetune --method lora --out run`` leaves run/adapter only (no merged copy):
+    loading ``run`` finds the base the adapter names and puts the adapter on it; a QLoRA
+    adapter gets the NF4 base it was trained on, so the logits are the trained model's."""
+    save_pretrained(model(), ByteTokenizer(), tmp_path / "base")
+    trained, _ = prepare_model(load_pretrained(tmp_path / "base")[0], method, MethodOptions(lora_r=4))
+    for name, p in trained.named_parameters():
+        if "lora_B" in name:
+            p.data = np.random.default_rng(1).standard_normal(p.shape).astype(p.dtype)
+    trained.peft_config["default"].base_model_name_or_path = base_model_reference(tmp_path / "base")
+    trained.save_pretrained(tmp_path / "run" / "adapter")
+    loaded, tok = load_pretrained(tmp_path / "run")
+    assert isinstance(tok, ByteTokenizer)
+    np.testing.assert_allclose(logits(loaded), logits(trained), atol=1e-6)
+    np.testing.assert_array_equal(logits(load_pretrained(tmp_path / "run" / "adapter")[0]), logits(loaded))
+
+
+def test_an_adapter_that_does_not_name_its_base_is_a_clear_error(tmp_path):
+    trained, _ = prepare_model(model(), "lora", MethodOptions(lora_r=4))
+    trained.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(FileNotFoundError, match="base_model_name_or_path is missing"):
+        load_pretrained(tmp_path / "adapter")
 
 
 @pytest.mark.parametrize("kind", ["smollm", "gpt2"])
@@ -142,5 +197,5 @@ def test_paths_that_are_no_model_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="not a GGUF file"):
         load_pretrained(tmp_path / "weights.bin")
     (tmp_path / "empty_dir").mkdir()
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(FileNotFoundError, match="no config.json.* nor a LoRA adapter"):
         load_pretrained(tmp_path / "empty_dir")
