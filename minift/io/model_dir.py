@@ -70,18 +70,6 @@ def read_model(folder: str | Path) -> SavedModel:
     return SavedModel(LlamaConfig(**config), tokenizer, surgery, load_file(folder / "model.safetensors"))
 
 
-def load_model(folder: str | Path):
-    """-> (model, tokenizer name) from a folder written by ``save_model`` for a plain Llama
-    (``minift.load_pretrained`` also loads folders whose method added modules)."""
-    saved = read_model(folder)
-    if saved.surgery:
-        raise ValueError(f"{folder} was saved after method {saved.surgery.get('method')!r} added modules; "
-                         "load it with minift.load_pretrained, which rebuilds them")
-    model = LlamaForCausalLM(saved.config)
-    model.load_state_dict(saved.state)
-    return model, saved.tokenizer
-
-
 def llama_config_from_hf(hf: dict, path: Path | str = "config.json") -> LlamaConfig:
     """minift's ``LlamaConfig`` from a Hugging Face Llama ``config.json`` (transformers 4 or 5 keys)."""
     if hf.get("model_type") != "llama":
