@@ -1,6 +1,9 @@
 """The real SmolLM2-135M-Instruct in minift: its tokenizer and template, a known answer through
 the command line, and a fine-tuned copy that is saved and used again (needs the fetched GGUF)."""
 
+import json
+from pathlib import Path
+
 import pytest
 
 from minift import cli
@@ -48,11 +51,15 @@ def test_chat_loop_answers_keeps_history_and_forgets_on_reset(smollm2_gguf, caps
 
 
 @pytest.mark.slow
-def test_finetuned_real_model_is_saved_with_its_tokenizer(smollm2_gguf, tmp_path, capsys):
+def test_a_lora_run_of_the_real_model_is_its_adapter_and_loads_on_its_base(smollm2_gguf, tmp_path, capsys):
+    """A LoRA run keeps only the adapter (no 540 MB merged copy), naming the GGUF it was trained
+    on; ``--model run`` puts the adapter back on that base, tokenizer included."""
     out = tmp_path / "lora"
     assert main(["finetune", "--model", str(smollm2_gguf), "--method", "lora", "--steps", "1", "--batch-size", "2",
                  "--lr", "1e-4", "--out", str(out), "--save-every", "0"]) == 0
-    assert (out / "tokenizer.json").exists() and (out / "adapter" / "adapter_config.json").exists()
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(Path(smollm2_gguf).resolve())
+    assert not (out / "config.json").exists() and not (out / "model.safetensors").exists()
     capsys.readouterr()
     assert main(["generate", "--model", str(out), "--chat", "--max-new-tokens", "20", QUESTION]) == 0
     assert "Paris" in capsys.readouterr().out
