@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy
 
 from minift.backend import to_numpy
-from minift.data.bpe import BYTE_TO_CHAR, BPETokenizer
+from minift.data.bpe import BPETokenizer
 from minift.data.tokenizer import ByteTokenizer
 from minift.io.gguf import (
     CONTROL_TOKEN,
@@ -38,6 +38,7 @@ from minift.io.gguf import (
     llama_tensor_names,
     permute_rope_rows,
 )
+from minift.io.model_dir import byte_tokenizer_as_bpe
 
 #: ``tokenizer.ggml.token_type`` of an ordinary token (llama.cpp ``LLAMA_TOKEN_TYPE_NORMAL``).
 NORMAL_TOKEN = 1
@@ -171,8 +172,7 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
         tokens, merges = tokenizer.tokens, [" ".join(pair) for pair in tokenizer.merges]
         pre, template = PRETOKENIZER_NAMES[tokenizer.pretokenizer], tokenizer.chat_template
     elif isinstance(tokenizer, ByteTokenizer):
-        specials = sorted(tokenizer.special_tokens, key=tokenizer.special_tokens.get)
-        tokens, merges = [BYTE_TO_CHAR[b] for b in range(256)] + specials, []
+        tokens, merges = byte_tokenizer_as_bpe().tokens, []  # the same vocabulary tokenizer.json gets
         pre, template = "gpt-2", None  # plain ChatML, which llama.cpp also falls back to
     else:
         raise GGUFError(f"cannot write a {type(tokenizer).__name__} to GGUF (minift writes its BPE and byte "

@@ -37,10 +37,15 @@ from minift.io.gguf_writer import DTYPES as GGUF_DTYPES
 from minift.io.gguf_writer import write_gguf
 from minift.io.model_dir import HF_DTYPES, save_hf_folder
 from minift.io.peft_adapter import lora_pairs, read_adapter_base, read_adapter_folder
-from minift.nn import dequantize_model, quantize_model
-from minift.peft import PeftModel
+from minift.nn import dequantize_model
 from minift.quant.nf4 import DEFAULT_BLOCKSIZE
-from minift.training.pretrained import adapter_base_name, adapter_of, base_model_reference, load_pretrained
+from minift.training.pretrained import (
+    adapter_base_name,
+    adapter_of,
+    attach_adapter,
+    base_model_reference,
+    load_pretrained,
+)
 
 #: The output formats and the weight types each one's writer takes; the first (f32) is the default.
 FORMATS = {"hf": tuple(HF_DTYPES), "gguf": tuple(GGUF_DTYPES)}
@@ -121,19 +126,13 @@ def merge_adapter(model, folder, adapter_base: str | None = None, src="the model
     ids = drift_ids(model.config.vocab_size, model.config.max_seq_len)
     reference = None
     if trained_on != merge_into:  # keep W for the merge; the model as trained runs on a copy
-        reference = model_logits(_with_adapter(copy.deepcopy(model), folder, trained_on), ids)
-    peft_model = _with_adapter(model, folder, merge_into)
+        reference = model_logits(attach_adapter(copy.deepcopy(model), folder, trained_on), ids)
+    peft_model = attach_adapter(model, folder, merge_into)
     if reference is None:
         reference = model_logits(peft_model, ids)
     dequantize_model(peft_model)  # Q(W) as float; the merge then adds s B A without a second rounding
     merged = peft_model.merge_and_unload()
     return merged, words, logit_drift(model_logits(merged, ids), reference)
-
-
-def _with_adapter(model, folder, nf4: dict | None) -> PeftModel:
-    if nf4:
-        quantize_model(model, nf4["blocksize"], nf4["double_quant"])  # the same Q(W) as in training
-    return PeftModel.from_pretrained(model, folder)
 
 
 def check_adapter_fits(model, folder, src="the model") -> None:

@@ -80,10 +80,16 @@ def _load_adapter(folder: Path):
     the NF4 base it was trained on (``read_adapter_base``), so its outputs are the trained
     model's. ``minift export`` merges it into a plain model instead."""
     model, tokenizer = load_pretrained(adapter_base_name(folder))
-    nf4 = read_adapter_base(folder)
+    return attach_adapter(model, folder, read_adapter_base(folder)), tokenizer
+
+
+def attach_adapter(model, folder, nf4: dict | None) -> PeftModel:
+    """``model`` with the LoRA adapter of ``folder`` on it. With ``nf4`` (the record
+    ``read_adapter_base`` returns) the float base is first stored in NF4 exactly as QLoRA training
+    stored it, so the adapter corrects the same Q(W) it learned on."""
     if nf4:
         quantize_model(model, nf4["blocksize"], nf4["double_quant"])
-    return PeftModel.from_pretrained(model, folder), tokenizer
+    return PeftModel.from_pretrained(model, folder)
 
 
 def load_pretrained(name_or_path: str | Path):
