@@ -25,6 +25,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -38,7 +39,7 @@ from minift.io.hub import FetchError
 from minift.nn import dequantize_model, trainable_report
 from minift.peft import PeftModel
 from minift.studies.memory import LEDGER_METHODS
-from minift.training import TrainConfig, Trainer, TrainingError, evaluate_loss, perplexity
+from minift.training import TrainConfig, Trainer, TrainingError, TrainingInterrupted, evaluate_loss, perplexity
 from minift.training.export import FORMATS, export_model, format_drift
 from minift.training.methods import METHODS, MethodOptions, prepare_model
 from minift.training.pretrained import base_model_reference, load_pretrained, save_pretrained
@@ -409,13 +410,27 @@ def _add_serving_flags(p) -> None:
     p.add_argument("--max-batch", type=int, default=16, help="rows per batch at most")
 
 
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues an interrupted run: the same one, with ``--resume``."""
+    words = ["minift", *argv] + ([] if "--resume" in argv else ["--resume"])
+    return " ".join(shlex.quote(w) for w in words)
+
+
+#: The shell's convention for "stopped by Ctrl-C" (128 + SIGINT).
+EXIT_INTERRUPTED = 130
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     threads = args.threads if args.threads is not None else DEFAULT_THREADS.get(args.command)
     keep_freed_memory()  # long runs reuse freed arrays instead of page-faulting fresh ones in
     try:
         with threadpool_limits(threads):  # None: leave the BLAS library's own choice
             args.func(args)
+    except TrainingInterrupted as stop:
+        print(f"\n{stop}. Continue with:\n  {resume_command(argv)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (TrainingError, FetchError, ValueError, FileNotFoundError, KeyError) as exc:
         print(f"minift {args.command}: error: {exc}", file=sys.stderr)
         return 1

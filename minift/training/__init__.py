@@ -13,10 +13,12 @@ from minift.training.trainer import (
     TrainConfig,
     Trainer,
     TrainingError,
+    TrainingInterrupted,
     causal_lm_loss,
     evaluate_loss,
     perplexity,
 )
 
-__all__ = ["METHODS", "MethodOptions", "TrainConfig", "Trainer", "TrainingError", "causal_lm_loss",
+__all__ = ["METHODS", "MethodOptions", "TrainConfig", "Trainer", "TrainingError",
+           "TrainingInterrupted", "causal_lm_loss",
            "evaluate_loss", "load_pretrained", "perplexity", "prepare_model", "save_pretrained"]

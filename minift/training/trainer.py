@@ -42,6 +42,20 @@ class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, nothing to train...); the message says why."""
 
 
+class TrainingInterrupted(Exception):
+    """Ctrl-C stopped the run at a step boundary, after its checkpoint was written.
+
+    Raised by ``Trainer.train`` so that no caller mistakes a stopped run for a finished one and
+    goes on (saving a half-trained model, or starting the next stage of a study on it). The
+    command line turns it into exit status 130 and the command that resumes.
+    """
+
+    def __init__(self, step: int, out_dir: Path | None):
+        self.step, self.out_dir = step, out_dir
+        kept = f"checkpoint saved in {out_dir}" if out_dir else "no out_dir: nothing was saved"
+        super().__init__(f"interrupted at step {step}; {kept}")
+
+
 @dataclass
 class TrainConfig:
     """Hyper-parameters of a run. Lecture 000's typical values: AdamW, lr 1e-5..5e-5 for full
@@ -181,7 +195,8 @@ class Trainer:
     # ---- the loop ---------------------------------------------------------------------
     def train(self, until: int | None = None) -> History:
         """Run (or resume) to ``max_steps`` — or only up to step ``until``, to look at the model
-        half-way and go on later. Returns the history. Ctrl-C saves, then stops."""
+        half-way and go on later. Returns the history. Ctrl-C finishes the current step, saves,
+        and raises ``TrainingInterrupted``."""
         cfg = self.config
         last = cfg.max_steps if until is None else min(until, cfg.max_steps)
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not cfg.progress, desc="train", unit="step")
@@ -203,7 +218,7 @@ class Trainer:
             if cfg.plot:
                 self.plot(self.out_dir / "curves.png")
         if self._stop_requested:
-            print(f"interrupted at step {self.step}; checkpoint saved — run again with resume to continue")
+            raise TrainingInterrupted(self.step, self.out_dir)
         return self.history
 
     @contextlib.contextmanager

@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from minift.backend import to_numpy
 from minift.data import ByteTokenizer, DataLoader, TextDataset
 from minift.models import LlamaConfig, LlamaForCausalLM
 from minift.nn import freeze_layers
-from minift.training import TrainConfig, Trainer, TrainingError, causal_lm_loss
+from minift.training import TrainConfig, Trainer, TrainingError, TrainingInterrupted, causal_lm_loss
 
 TEXT = ("The quick brown fox jumps over the lazy dog. " * 40
         + "A stitch in time saves nine. Many hands make light work. " * 30)
@@ -147,3 +149,33 @@ def test_bad_train_config_values_are_rejected():
         TrainConfig(lr=0)
     with pytest.raises(ValueError, match="max_steps"):
         TrainConfig(max_steps=0)
+
+
+def test_ctrl_c_finishes_the_step_saves_and_raises_so_no_caller_mistakes_it_for_a_finished_run(tmp_path):
+    model = tiny_model()
+
+    def loss_then_ctrl_c(model, batch):
+        if trainer.step == 2:  # Ctrl-C arrives during the third step's forward
+            os.kill(os.getpid(), signal.SIGINT)
+        return causal_lm_loss(model, batch)
+
+    trainer = Trainer(model, config(max_steps=6, out_dir=str(tmp_path)), loader(), loss_fn=loss_then_ctrl_c)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        trainer.train()
+    assert stopped.value.step == 3 and trainer.step == 3  # the step in flight was finished, not torn
+    resumed = Trainer(tiny_model(seed=1), config(max_steps=6, out_dir=str(tmp_path)), loader())
+    assert resumed.resume() and resumed.step == 3
+
+
+def test_the_cli_exits_130_and_prints_the_command_that_resumes(tmp_path, monkeypatch, capsys):
+    from minift import cli
+
+    def interrupted(args):
+        raise TrainingInterrupted(7, tmp_path)
+
+    monkeypatch.setattr(cli, "cmd_train", interrupted)
+    argv = ["train", "--data", "my corpus.txt", "--out", str(tmp_path)]
+    assert cli.main(argv) == cli.EXIT_INTERRUPTED == 130
+    err = capsys.readouterr().err
+    assert "interrupted at step 7" in err
+    assert f"minift train --data 'my corpus.txt' --out {tmp_path} --resume" in err
