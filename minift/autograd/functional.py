@@ -161,6 +161,23 @@ def cross_entropy(logits, targets, ignore_index: int = _nn.IGNORE_INDEX):
     return _nn.CrossEntropy.apply(flat, targets=targets.reshape(-1), ignore_index=ignore_index)
 
 
+def log_sigmoid(x):
+    """log(sigmoid(x)), stable for any x (the DPO loss is ``-log_sigmoid(beta * margin)``)."""
+    return _nn.LogSigmoid.apply(x)
+
+
+def token_logprobs(logits, targets, ignore_index: int = _nn.IGNORE_INDEX):
+    """log p(target) of (..., V) logits at every (...) position; 0 where the target is
+    ``ignore_index``. Summed over a response it is the sequence log-probability DPO compares."""
+    targets = xp.asarray(_raw(targets))
+    if logits.shape[:-1] != targets.shape:
+        raise _ew.ShapeError(f"token_logprobs: logits {logits.shape} need targets of shape "
+                             f"{logits.shape[:-1]}, got {targets.shape}")
+    flat = reshape(logits, -1, logits.shape[-1]) if logits.ndim != 2 else logits
+    picked = _nn.TokenLogProbs.apply(flat, targets=targets.reshape(-1), ignore_index=ignore_index)
+    return reshape(picked, *targets.shape) if targets.ndim != 1 else picked
+
+
 def rms_norm(x, weight, eps: float = 1e-6):
     return _nn.RMSNorm.apply(x, weight, eps=eps)
 

@@ -113,6 +113,64 @@ class CrossEntropy(Function):
         return (dz,)
 
 
+class LogSigmoid(Function):
+    """y = log sigmoid(x) = -log(1 + exp(-x)), computed as min(x, 0) - log1p(exp(-|x|)) so that
+    neither a large positive nor a large negative x overflows (the DPO loss is -log sigmoid).
+
+    dx = g * sigmoid(-x) = g * exp(-|x|) / (1 + exp(-|x|)) for x >= 0, g / (1 + exp(x)) below.
+    Saves: x.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return xp.minimum(x, 0) - xp.log1p(xp.exp(-xp.abs(x)))
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved
+        e = xp.exp(-xp.abs(x))  # <= 1: sigmoid(-x) without overflow on either side
+        return (g * xp.where(x >= 0, e, 1.0) / (1 + e),)
+
+
+class TokenLogProbs(Function):
+    """Per-row log-probability of the target: y_n = z_n[t_n] - logsumexp(z_n), 0 on ignored rows.
+
+    What sequence-level objectives need (DPO sums it over a response: log pi(y|x) =
+    sum_t log p(y_t | x, y_<t)). It equals ``log_softmax(z)[n, t_n]`` but never keeps the N x V
+    log-probabilities in the graph, only the probabilities the backward needs anyway:
+
+        dz_n = g_n * (onehot(t_n) - softmax(z_n))   for counted rows, 0 otherwise
+
+    Saves: the softmax probabilities (N x V), the targets and the counted mask.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, *, targets, ignore_index=IGNORE_INDEX):
+        if logits.ndim != 2 or targets.shape != logits.shape[:1]:
+            raise ShapeError(f"token_logprobs: logits must be (N, V) and targets (N,); got logits "
+                             f"{logits.shape} and targets {targets.shape}")
+        counted = targets != ignore_index
+        safe_targets = xp.where(counted, targets, 0)
+        if int(xp.min(safe_targets, initial=0)) < 0 or int(xp.max(safe_targets, initial=0)) >= logits.shape[1]:
+            raise ValueError(f"token_logprobs: a target is outside the vocabulary [0, {logits.shape[1]})")
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        picked = shifted[xp.arange(logits.shape[0]), safe_targets]
+        probs = xp.exp(shifted, out=shifted)
+        total = probs.sum(axis=1, keepdims=True)
+        probs /= total
+        ctx.save_for_backward(probs, safe_targets, counted)
+        return ((picked - xp.log(total[:, 0])) * counted).astype(logits.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        probs, targets, counted = ctx.saved
+        dz = probs if ctx.saved_is_scratch else probs.copy()
+        dz[xp.arange(dz.shape[0]), targets] -= 1
+        dz *= -(counted * g)[:, None].astype(dz.dtype)
+        return (dz,)
+
+
 class RMSNorm(Function):
     """y = x / rms(x) * w, with rms(x) = sqrt(mean(x^2) + eps) over the last axis (Llama's norm).
 

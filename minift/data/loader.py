@@ -54,10 +54,11 @@ class DataLoader:
     """
 
     def __init__(self, dataset, batch_size: int, shuffle: bool = True, seed: int = 0,
-                 drop_last: bool = False, *, pad_id: int) -> None:
+                 drop_last: bool = False, *, pad_id: int, collate_fn=collate) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.dataset, self.batch_size, self.pad_id = dataset, batch_size, pad_id
+        self.collate_fn = collate_fn  # (examples, pad_id) -> batch; preference pairs bring their own
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.epoch, self.batch_index = 0, 0
         if len(self) == 0:
@@ -77,7 +78,7 @@ class DataLoader:
         order = self.epoch_order(self.epoch)
         for b in range(self.batch_index, len(self)):
             indices = order[b * self.batch_size:(b + 1) * self.batch_size]
-            batch = collate([self.dataset[int(i)] for i in indices], self.pad_id)
+            batch = self.collate_fn([self.dataset[int(i)] for i in indices], self.pad_id)
             if b + 1 < len(self):
                 self.batch_index = b + 1
             else:

@@ -357,6 +357,42 @@ def test_cross_entropy_all_ignored_batch_gives_zero_loss_and_zero_grad(backend):
     np.testing.assert_array_equal(to_numpy(logits.grad), np.zeros((2, 3, 5)))
 
 
+@gradcheck
+@given(data=st.data())
+def test_log_sigmoid(backend, data):
+    x = data.draw(S.arrays(data.draw(S.shapes(1, 2, 4)), -6.0, 6.0))
+    check_gradients(F.log_sigmoid, x, seed=data.draw(S.seeds))
+
+
+def test_log_sigmoid_is_finite_and_exact_far_out(backend):
+    x = np.array([-800.0, -30.0, 0.0, 30.0, 800.0])
+    got = to_numpy(F.log_sigmoid(Tensor(xp.asarray(x))).data)
+    np.testing.assert_allclose(got, [-800.0, -30.0 - np.log1p(np.exp(-30.0)), -np.log(2.0), -np.exp(-30.0), 0.0],
+                               rtol=1e-12, atol=1e-300)
+
+
+@gradcheck
+@given(data=st.data())
+def test_token_logprobs_with_ignored_positions(backend, data):
+    lead = data.draw(S.shapes(1, 2, 4))
+    vocab = data.draw(st.integers(1, 5))
+    logits = data.draw(S.arrays((*lead, vocab), -4.0, 4.0))
+    targets = np.where(data.draw(S.bool_masks(lead)), -100, data.draw(S.ids(vocab, lead)))
+    targets_x = xp.asarray(targets)
+    check_gradients(lambda z: F.token_logprobs(z, targets_x), logits, seed=data.draw(S.seeds))
+
+
+def test_token_logprobs_is_log_softmax_picked_at_the_target_and_zero_where_ignored(backend):
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((2, 3, 6)) * 3
+    targets = np.array([[1, -100, 5], [0, 2, -100]])
+    got = to_numpy(F.token_logprobs(Tensor(xp.asarray(logits)), xp.asarray(targets)).data)
+    log_p = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+    expected = np.where(targets == -100, 0.0, np.take_along_axis(log_p, np.maximum(targets, 0)[..., None], -1)[..., 0])
+    assert got.shape == (2, 3)
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-15)
+
+
 # ---- norms and activations ---------------------------------------------------------------------
 @gradcheck
 @given(data=st.data())

@@ -1,5 +1,6 @@
 """The bundled data: present, parseable, the documented sizes, reproducible, and self-consistent."""
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -18,10 +19,13 @@ from minift.data import (
 from minift.studies.demo import SYSTEM_PROMPT, tiny_config
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "tools" / "bundled_data"))  # the generators are tools
+import gen_preferences as gp  # noqa: E402
 import make_bundled as mb  # noqa: E402
+from gen_insurer import all_facts  # noqa: E402
 
 NAMES = ["general_corpus.txt", "general_heldout.txt", "insurer_train.jsonl", "insurer_eval.jsonl",
-         "general_qa.jsonl", "README.md"]
+         "general_qa.jsonl", "insurer_preferences_train.jsonl", "insurer_preferences_eval.jsonl", "README.md"]
+PAIR_SPLITS = ["insurer_preferences_train.jsonl", "insurer_preferences_eval.jsonl"]
 
 
 def read(name):
@@ -124,3 +128,80 @@ def test_insurer_examples_fit_the_demo_model_with_its_system_prompt():
     for name in ("insurer_train.jsonl", "insurer_eval.jsonl"):
         dataset = InstructionDataset(bundled_path(name), tok, max_len, system_prompt=SYSTEM_PROMPT)
         assert len(dataset) == len(load_jsonl(bundled_path(name)))
+
+
+# ---- preference pairs (DPO) ----------------------------------------------------------------
+
+
+def pairs(name):
+    return [json.loads(line) for line in read(name).splitlines()]
+
+
+def question_of(pair):
+    return gp.text_of(pair["prompt"])
+
+
+def prompt_and_rejected(pair):
+    return question_of(pair), gp.text_of(pair["rejected"])
+
+
+@pytest.mark.parametrize("name", PAIR_SPLITS)
+def test_preference_pairs_have_trls_standard_or_conversational_shape(name):
+    records = pairs(name)
+    conversational = [r for r in records if isinstance(r["prompt"], list)]
+    for record in records:
+        assert set(record) == {"prompt", "chosen", "rejected"}, record
+        if isinstance(record["prompt"], str):
+            assert isinstance(record["chosen"], str) and isinstance(record["rejected"], str), record
+    for record in conversational:
+        roles = [m["role"] for m in record["prompt"]]
+        assert roles in (["user"], ["system", "user"]), record
+        for key in ("chosen", "rejected"):
+            [message] = record[key]
+            assert set(message) == {"role", "content"} and message["role"] == "assistant", record
+            assert isinstance(message["content"], str)
+    assert 0.05 * len(records) <= len(conversational) <= 0.3 * len(records)
+
+
+@pytest.mark.parametrize("name", PAIR_SPLITS)
+def test_chosen_is_the_facts_answer_and_rejected_is_no_facts_answer(name):
+    answer_of = {q: answer for answer, questions in all_facts().values() for q in questions}
+    for record in pairs(name):
+        chosen, rejected = gp.text_of(record["chosen"]), gp.text_of(record["rejected"])
+        assert chosen == answer_of[question_of(record)], record
+        assert rejected != chosen
+        assert rejected not in answer_of.values(), record  # a wrong answer, not another fact's right one
+
+
+def test_preference_splits_cover_every_wording_once_and_hold_out_the_eval_questions():
+    train, evals = pairs(PAIR_SPLITS[0]), pairs(PAIR_SPLITS[1])
+    facts = all_facts().values()
+    assert sorted(map(question_of, train)) == sorted(q for _, questions in facts for q in questions[:-1])
+    assert [question_of(r) for r in evals] == [questions[-1] for _, questions in facts]
+    assert {question_of(r) for r in evals} == {r["instruction"] for r in load_jsonl(bundled_path("insurer_eval.jsonl"))}
+    train_prompts = [question_of(r) for r in train]
+    assert not any(question in prompt for question in map(question_of, evals) for prompt in train_prompts)
+    assert not set(map(prompt_and_rejected, evals)) & set(map(prompt_and_rejected, train))
+    assert any(isinstance(r["prompt"], list) and r["prompt"][0]["role"] == "system" for r in train)
+
+
+@pytest.mark.parametrize("name", PAIR_SPLITS)
+def test_rejected_answers_are_about_as_long_as_chosen_ones(name):
+    """Within 20 % pair by pair and 10 % on average: DPO must not be able to win by length alone."""
+    records = pairs(name)
+    for record in records:
+        ratio = len(gp.text_of(record["rejected"])) / len(gp.text_of(record["chosen"]))
+        assert 0.8 <= ratio <= 1.2, record
+    chosen, rejected = gp.mean_lengths(records)
+    assert 0.9 <= rejected / chosen <= 1.1
+    assert f"{name.split('_')[-1].removesuffix('.jsonl')} {chosen:.1f} vs {rejected:.1f}" in read("README.md")
+
+
+def test_every_fact_has_one_rejected_answer_of_each_kind_and_train_uses_all_kinds_evenly():
+    assert gp.REJECTED.keys() == all_facts().keys()
+    assert all(len(texts) == len(gp.KINDS) for texts in gp.REJECTED.values())
+    texts = [text for texts in gp.REJECTED.values() for text in texts]
+    assert len(set(texts)) == len(texts) and all(t.isascii() for t in texts)  # so a text names its kind
+    train, evals = pairs(PAIR_SPLITS[0]), pairs(PAIR_SPLITS[1])
+    assert min(gp.kind_counts(train).values()) >= len(train) / 4
+    assert all(gp.kind_counts(evals).values())
