@@ -179,3 +179,107 @@ def test_the_cli_exits_130_and_prints_the_command_that_resumes(tmp_path, monkeyp
     err = capsys.readouterr().err
     assert "interrupted at step 7" in err
     assert f"minift train --data 'my corpus.txt' --out {tmp_path} --resume" in err
+
+
+# ---- issue 20: checkpoints that survive a kill, an honest NaN stop and resume ---------------
+# (the kill-injection tests are in test_checkpoint.py)
+
+
+@pytest.mark.parametrize("damage", ["latest names a missing folder", "truncated weights", "state.json torn"])
+def test_resuming_from_a_checkpoint_that_cannot_be_read_is_an_error_naming_it(tmp_path, damage):
+    Trainer(tiny_model(), config(max_steps=4, out_dir=str(tmp_path)), loader()).train(until=2)
+    folder = tmp_path / "step-000002"
+    if damage == "latest names a missing folder":
+        folder.rename(tmp_path / "elsewhere")
+    elif damage == "truncated weights":
+        weights = folder / "trainable.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+    else:
+        (folder / "state.json").write_text('{"step": 2, "sched')
+    resumed = Trainer(tiny_model(), config(max_steps=4, out_dir=str(tmp_path)), loader())
+    with pytest.raises(TrainingError, match=r"step-000002.*(write the name of|write in it the name of).*start over"):
+        resumed.resume()
+    assert resumed.step == 0
+
+
+def test_a_resumed_run_logs_each_step_once_in_metrics_jsonl(tmp_path):
+    class Killed(BaseException):
+        pass
+
+    def killed_at_step_6(model, batch):
+        if killed.step == 5:
+            raise Killed
+        return causal_lm_loss(model, batch)
+
+    killed = Trainer(tiny_model(), config(max_steps=8, save_every=2, eval_every=2, out_dir=str(tmp_path)),
+                     loader(), eval_loader=loader(), loss_fn=killed_at_step_6)
+    with pytest.raises(Killed):
+        killed.train()  # rows for steps 1-5 are logged, the checkpoint is step 4's
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')  # and a row torn by the kill
+    resumed = Trainer(tiny_model(), config(max_steps=8, save_every=2, eval_every=2, out_dir=str(tmp_path)),
+                      loader(), eval_loader=loader())
+    assert resumed.resume() and resumed.step == 4
+    resumed.train()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [2, 4, 6, 8]
+    assert [r["loss"] for r in rows if "loss" in r] == resumed.history.losses
+
+
+def test_resuming_with_another_lr_continues_the_schedule_at_that_peak_and_says_so(tmp_path, capsys):
+    doubled = Trainer(tiny_model(), config(max_steps=8, lr=6e-3), loader()).train().lrs
+    Trainer(tiny_model(), config(max_steps=8, lr=3e-3, out_dir=str(tmp_path)), loader()).train(until=5)
+    resumed = Trainer(tiny_model(), config(max_steps=8, lr=6e-3, out_dir=str(tmp_path)), loader())
+    assert resumed.resume()
+    assert "resumed at step 5 with lr 0.006 (checkpoint had 0.003)" in capsys.readouterr().out
+    lrs = resumed.train().lrs
+    assert lrs[5:] == doubled[5:] and lrs[5] > 0
+    assert resumed.save() == tmp_path / "step-000008"
+    assert json.loads((tmp_path / "step-000008" / "state.json").read_text())["scheduler"]["base_lrs"] == [6e-3] * 2
+
+
+def test_resuming_with_the_same_lr_says_nothing_about_it(tmp_path, capsys):
+    Trainer(tiny_model(), config(max_steps=4, out_dir=str(tmp_path)), loader()).train(until=2)
+    assert Trainer(tiny_model(), config(max_steps=4, out_dir=str(tmp_path)), loader()).resume()
+    assert "lr" not in capsys.readouterr().out
+
+
+def test_a_checkpoint_is_good_only_if_a_loss_on_its_own_weights_was_finite(tmp_path):
+    """lr 1e5: step 5's weights are finite (~1e10) and step 6's forward on them is NaN. The
+    NaN stop must neither call step-000005 good nor leave ``latest`` on it."""
+    settings = dict(max_steps=10, lr=1e5, save_every=1, out_dir=str(tmp_path))
+    with np.errstate(over="ignore", invalid="ignore"):
+        with pytest.raises(TrainingError, match=r"loss became nan at step 6.*step-000005 held the weights that "
+                                                r"gave it and was deleted.*last good checkpoint \(.*step-000004\) "
+                                                r"is intact"):
+            Trainer(tiny_model(), config(**settings), loader()).train()
+        assert (tmp_path / "latest").read_text() == "step-000004"
+        assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000004"]
+        resumed = Trainer(tiny_model(), config(**{**settings, "lr": 1e-3}), loader())
+        assert resumed.resume() and resumed.step == 4
+        assert max(float(np.abs(to_numpy(p.data)).max()) for p in resumed.params) > 1e9  # finite, yet...
+        assert math.isfinite(resumed.train_step()[0])  # ...the loss on them is finite: truly good
+
+
+def test_a_nan_on_the_only_checkpoint_says_that_none_is_good_and_resume_starts_over(tmp_path):
+    settings = dict(max_steps=10, lr=1e5, save_every=5, out_dir=str(tmp_path))
+    expected = r"step-000005 held the weights.*no checkpoint gave a finite loss: --resume starts over"
+    with np.errstate(over="ignore", invalid="ignore"), pytest.raises(TrainingError, match=expected):
+        Trainer(tiny_model(), config(**settings), loader()).train()
+    assert not (tmp_path / "latest").exists() and not list(tmp_path.glob("step-*"))
+    assert not Trainer(tiny_model(), config(**settings), loader()).resume()
+
+
+def test_the_final_checkpoint_is_checked_too_and_then_alone_kept(tmp_path):
+    Trainer(tiny_model(), config(max_steps=4, save_every=2, out_dir=str(tmp_path)), loader()).train()
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000004"]
+
+    poisoned = tmp_path / "poisoned"
+    trainer = Trainer(tiny_model(), config(max_steps=4, save_every=2, out_dir=str(poisoned)), loader())
+    trainer.train(until=3)
+    trainer.loss_fn = lambda model, batch: causal_lm_loss(model, batch) * (math.nan if trainer.step == 4 else 1)
+    with pytest.raises(TrainingError, match=r"the loss on the final weights \(step 4\) is nan.*step-000004 held"
+                                            r".*deleted.*last good checkpoint \(.*step-000003\) is intact"):
+        trainer.train()
+    assert (poisoned / "latest").read_text() == "step-000003"
