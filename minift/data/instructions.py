@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 import numpy
 
 from minift.autograd.nn_ops import IGNORE_INDEX  # the label the loss leaves out
-from minift.data.tokenizer import CHAT_ROLES, IM_END, IM_START, Tokenizer
+from minift.data.tokenizer import CHAT_ROLES, IM_END, IM_START, ByteTokenizer, Tokenizer
 
 
 class DataError(ValueError):
@@ -30,23 +30,41 @@ class DataError(ValueError):
 
 
 def _numbered_objects(path: str | os.PathLike) -> list[tuple[str, dict]]:
-    """(``"file:line"``, object) for every non-blank line; bad JSON or a non-object raises."""
+    """(``"file:line"``, object) for every non-blank line; a line that is not UTF-8, not JSON,
+    nested too deep to parse, or not an object raises ``DataError`` naming ``file:line``."""
+    if os.path.isdir(path):
+        raise DataError(f"{path} is a folder; point at a .jsonl file (one JSON record per line)")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            rows.append((where, obj))
+            line = _decoded(raw, where)
+            if line.strip():
+                rows.append((where, _parsed_object(line, where)))
     if not rows:
         raise DataError(f"{path}: no records (the file is empty)")
     return rows
+
+
+def _decoded(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not UTF-8 (byte {raw[e.start:e.start + 1]!r} at column {e.start + 1}); "
+                        "convert the file to UTF-8") from None
+
+
+def _parsed_object(line: str, where: str) -> dict:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested deeper than the parser can follow; a record is an object "
+                        "of strings and a list of messages, so this line is corrupt") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def _require_string(record: Mapping, key: str, where: str, optional: bool = False) -> None:
@@ -162,6 +180,28 @@ def chat_pieces(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]]) -> 
     return pieces
 
 
+def _within_budget(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]], max_len: int, truncate: bool,
+                   name: str) -> Sequence[Mapping[str, str]]:
+    """``messages``, checked by length *before* tokenizing: a content of more than ``budget``
+    characters cannot fit ``max_len`` tokens, because one token spells at most
+    ``tokenizer.max_token_bytes`` bytes (1 for the byte tokenizer). Refusing it (or cutting it to
+    twice the budget, with ``truncate``) costs nothing, where tokenizing a 50 MB line first costs
+    minutes. The cut lies far past the tokens kept, so they are the full text's tokens, unless a
+    single word is longer than the budget (then its last kept tokens may split differently)."""
+    token_bytes = 1 if isinstance(tokenizer, ByteTokenizer) else getattr(tokenizer, "max_token_bytes", None)
+    if token_bytes is None:  # a tokenizer that does not say: only tokenizing can tell
+        return messages
+    budget = (max_len + 1) * token_bytes
+    long = [i for i, m in enumerate(messages) if len(m["content"]) > budget]
+    if not long:
+        return messages
+    if not truncate:
+        chars = len(messages[long[0]]["content"])
+        raise DataError(f"{name} is too long: message {long[0]} has {chars:,} characters, more than "
+                        f"max_len={max_len} tokens can hold; shorten it, raise max_len, or pass truncate=True")
+    return [{**m, "content": m["content"][:2 * budget]} for m in messages]
+
+
 def encode_example(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]], max_len: int, *,
                    truncate: bool = False, index: int | None = None) -> tuple[numpy.ndarray, numpy.ndarray]:
     """``(input_ids, labels)`` of one conversation, int64 arrays of equal length <= ``max_len``.
@@ -182,10 +222,11 @@ def encode_example(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]], 
     ``max_len`` bounds ``len(input_ids)`` (the model's context). A longer chat raises ``DataError``,
     or with ``truncate=True`` is cut to its first ``max_len + 1`` ids.
     """
+    name = "example" if index is None else f"example {index}"
+    messages = _within_budget(tokenizer, messages, max_len, truncate, name)
     pieces = chat_pieces(tokenizer, messages)
     ids = numpy.array([i for p, _ in pieces for i in p], dtype=numpy.int64)
     target = numpy.array([t for p, t in pieces for _ in p], dtype=bool)
-    name = "example" if index is None else f"example {index}"
     if len(ids) - 1 > max_len:
         if not truncate:
             raise DataError(f"{name} is {len(ids) - 1} tokens long but max_len is {max_len}; "

@@ -27,6 +27,7 @@ model is 540 MB that way.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,10 +223,13 @@ class GGUFFile:
 
 
 def read_gguf(path: str | Path) -> GGUFFile:
-    """Parse ``path`` with ``gguf.GGUFReader``; anything malformed becomes a ``GGUFError``."""
+    """Parse ``path`` with ``gguf.GGUFReader``; anything malformed becomes a ``GGUFError``, and
+    so do tensors whose bytes overlap (``check_tensor_layout``)."""
     import gguf  # noqa: PLC0415 - only needed when a GGUF is read
 
     path = Path(path)
+    if path.is_dir():
+        raise GGUFError(f"{path} is a folder; point at the .gguf file itself")
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != GGUF_MAGIC:
@@ -235,9 +239,21 @@ def read_gguf(path: str | Path) -> GGUFFile:
         metadata = {key: field.contents() for key, field in reader.fields.items()}
         tensors = {t.name: GGUFTensor(t.name, t.tensor_type.name, tuple(int(d) for d in reversed(t.shape)),
                                       t.data) for t in reader.tensors}
-    except (ValueError, IndexError, KeyError, OverflowError) as exc:  # what a short read turns into
-        raise GGUFError(f"{path}: truncated or corrupt GGUF file ({exc})") from None
+    except (ValueError, IndexError, KeyError, OverflowError, TypeError, UnicodeDecodeError) as exc:
+        raise GGUFError(f"{path}: truncated or corrupt GGUF file ({type(exc).__name__}: {exc})") from None
+    check_tensor_layout({t.name: (t.data_offset, t.n_bytes) for t in reader.tensors}, path)
     return GGUFFile(path, metadata, tensors)
+
+
+def check_tensor_layout(spans: dict[str, tuple[int, int]], path) -> None:
+    """Refuse tensors that share bytes ({name: (offset, byte count)}): the reader would hand out
+    two views of the same memory, one tensor silently aliasing another."""
+    previous_end, previous = 0, None
+    for name, (offset, size) in sorted(spans.items(), key=lambda item: item[1]):
+        if offset < previous_end:
+            raise GGUFError(f"{path}: tensors {previous!r} and {name!r} overlap (byte {offset} is inside "
+                            f"{previous!r}); the file is corrupt, convert the model again")
+        previous_end, previous = offset + size, name
 
 
 # ---- config and weights ---------------------------------------------------------------------
@@ -249,8 +265,20 @@ def _required(metadata: dict, key: str):
     return metadata[key]
 
 
+def _typed(metadata: dict, key: str, kind: type, default=None):
+    """``metadata[key]`` (or ``default`` when absent and one is given), which must be a ``kind``
+    (an int is accepted for a float). A wrong type is named, not passed on to int() or float()."""
+    value = _required(metadata, key) if default is None else metadata.get(key, default)
+    ok = isinstance(value, kind) and not isinstance(value, bool) or (kind is float and type(value) is int)
+    if not ok:
+        raise GGUFError(f"GGUF metadata {key} is {value!r}, expected a {kind.__name__}")
+    return value
+
+
 def config_from_metadata(metadata: dict, tensors: dict[str, GGUFTensor]):
-    """A ``LlamaConfig`` from the ``llama.*`` metadata keys (and which tensors exist)."""
+    """A ``LlamaConfig`` from the ``llama.*`` metadata keys (and which tensors exist), checked
+    against the tensors before anything is built: a few bytes of metadata claiming a billion
+    layers must not allocate them."""
     from minift.models import LlamaConfig  # noqa: PLC0415 - io must not need models at import
 
     arch = metadata.get("general.architecture")
@@ -261,30 +289,41 @@ def config_from_metadata(metadata: dict, tensors: dict[str, GGUFTensor]):
     if "token_embd.weight" not in tensors:
         raise GGUFError("GGUF has no token_embd.weight tensor")
 
-    def get(key):
-        return _required(metadata, f"llama.{key}")
+    def count(key, default=None):
+        return _typed(metadata, f"llama.{key}", int, default)
 
-    config = LlamaConfig(
-        vocab_size=int(metadata.get("llama.vocab_size", tensors["token_embd.weight"].shape[0])),
-        dim=int(get("embedding_length")), n_layers=int(get("block_count")),
-        n_heads=int(get("attention.head_count")),
-        n_kv_heads=int(metadata.get("llama.attention.head_count_kv", get("attention.head_count"))),
-        ffn_dim=int(get("feed_forward_length")), max_seq_len=int(get("context_length")),
-        rope_theta=float(metadata.get("llama.rope.freq_base", 10000.0)),
-        norm_eps=float(get("attention.layer_norm_rms_epsilon")),
-        tie_embeddings="output.weight" not in tensors,
-        attention_bias="blk.0.attn_q.bias" in tensors, mlp_bias="blk.0.ffn_up.bias" in tensors)
+    heads = count("attention.head_count")
+    try:
+        config = LlamaConfig(
+            vocab_size=count("vocab_size", tensors["token_embd.weight"].shape[0]),
+            dim=count("embedding_length"), n_layers=count("block_count"), n_heads=heads,
+            n_kv_heads=count("attention.head_count_kv", heads), ffn_dim=count("feed_forward_length"),
+            max_seq_len=count("context_length"),
+            rope_theta=float(_typed(metadata, "llama.rope.freq_base", float, 10000.0)),
+            norm_eps=float(_typed(metadata, "llama.attention.layer_norm_rms_epsilon", float)),
+            tie_embeddings="output.weight" not in tensors,
+            attention_bias="blk.0.attn_q.bias" in tensors, mlp_bias="blk.0.ffn_up.bias" in tensors)
+    except ValueError as exc:
+        raise GGUFError(f"GGUF metadata: {exc}") from None
     rope_dims = metadata.get("llama.rope.dimension_count", config.head_dim)
     if rope_dims != config.head_dim:
         raise GGUFError(f"GGUF rotates {rope_dims} of {config.head_dim} head dims; minift rotates all")
+    stored = sum(math.prod(t.shape) for t in tensors.values())
+    if config.num_parameters > stored:
+        raise GGUFError(f"GGUF metadata describes a model of {config.num_parameters:,} parameters, but the "
+                        f"file's tensors hold {stored:,} values; the metadata is corrupt")
     return config
 
 
-def state_dict_from_gguf(file: GGUFFile, config) -> dict[str, numpy.ndarray]:
-    """minift parameter name -> float32 array, with Q/K rows back in Hugging Face order."""
+def state_dict_from_gguf(file: GGUFFile, config, allow_nonfinite: bool = False) -> dict[str, numpy.ndarray]:
+    """minift parameter name -> float32 array, with Q/K rows back in Hugging Face order.
+    NaN or infinite weights are refused unless ``allow_nonfinite``."""
     state = {}
     for name in file.tensors:
         array = file.array(name)
+        if not allow_nonfinite and not numpy.isfinite(array).all():
+            raise GGUFError(f"{file.path}: tensor {name} holds NaN or infinite values (corrupt scales, or a "
+                            "diverged model); pass allow_nonfinite=True to inspect it anyway")
         if ".attn_q." in name:
             array = unpermute_rope_rows(array, config.n_heads)
         elif ".attn_k." in name:
@@ -293,19 +332,24 @@ def state_dict_from_gguf(file: GGUFFile, config) -> dict[str, numpy.ndarray]:
     return state
 
 
-def load_gguf(path: str | Path):
-    """-> (LlamaForCausalLM, tokenizer) from a llama-architecture GGUF file."""
+def load_gguf(path: str | Path, allow_nonfinite: bool = False):
+    """-> (LlamaForCausalLM, tokenizer) from a llama-architecture GGUF file. Everything is read
+    and checked (metadata, tokenizer, tensors) before the model is built."""
     from minift.models import LlamaForCausalLM  # noqa: PLC0415
 
     file = read_gguf(path)
-    config = config_from_metadata(file.metadata, file.tensors)
-    state = state_dict_from_gguf(file, config)
+    try:
+        config = config_from_metadata(file.metadata, file.tensors)
+        tokenizer = tokenizer_from_metadata(file.metadata)
+    except GGUFError as exc:
+        raise GGUFError(f"{path}: {exc}") from None
+    state = state_dict_from_gguf(file, config, allow_nonfinite)
     model = LlamaForCausalLM(config)
     try:
         model.load_state_dict(state)
     except (KeyError, ValueError) as exc:
         raise GGUFError(f"{path}: tensors do not fit the config in its metadata ({exc})") from None
-    return model, tokenizer_from_metadata(file.metadata)
+    return model, tokenizer
 
 
 #: ``tokenizer.ggml.token_type`` value of control tokens (llama.cpp ``LLAMA_TOKEN_TYPE_CONTROL``).
@@ -329,11 +373,34 @@ def tokenizer_from_metadata(metadata: dict):
     pre = metadata.get("tokenizer.ggml.pre", "gpt2")
     if pre not in PRETOKENIZERS:
         raise GGUFError(f"GGUF pre-tokenizer {pre!r} is not supported (known: {', '.join(PRETOKENIZERS)})")
-    tokens = _required(metadata, "tokenizer.ggml.tokens")
+    tokens = _string_list(metadata, "tokenizer.ggml.tokens")
+    merges = _string_list(metadata, "tokenizer.ggml.merges")
+    if any(m.count(" ") != 1 for m in merges):
+        raise GGUFError("GGUF metadata tokenizer.ggml.merges must be \"a b\" strings with one space")
     types = metadata.get("tokenizer.ggml.token_type", [])
     special = [token for token, kind in zip(tokens, types) if kind == CONTROL_TOKEN]
-    return BPETokenizer(tokens, [tuple(m.split(" ")) for m in _required(metadata, "tokenizer.ggml.merges")],
-                        special, eos_id=int(_required(metadata, "tokenizer.ggml.eos_token_id")),
-                        pad_id=metadata.get("tokenizer.ggml.padding_token_id"),
-                        bos_id=metadata.get("tokenizer.ggml.bos_token_id"), pretokenizer=PRETOKENIZERS[pre],
-                        chat_template=metadata.get("tokenizer.chat_template"))
+    ids = {key: _token_id(metadata, f"tokenizer.ggml.{key}_token_id", len(tokens))
+           for key in ("eos", "padding", "bos")}
+    if ids["eos"] is None:
+        raise GGUFError("GGUF metadata has no 'tokenizer.ggml.eos_token_id'")
+    try:
+        return BPETokenizer(tokens, [tuple(m.split(" ")) for m in merges], special, eos_id=ids["eos"],
+                            pad_id=ids["padding"], bos_id=ids["bos"], pretokenizer=PRETOKENIZERS[pre],
+                            chat_template=_typed(metadata, "tokenizer.chat_template", str, "") or None)
+    except ValueError as exc:
+        raise GGUFError(f"GGUF tokenizer: {exc}") from None
+
+
+def _string_list(metadata: dict, key: str) -> list[str]:
+    value = _required(metadata, key)
+    if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        raise GGUFError(f"GGUF metadata {key} must be a list of strings")
+    return value
+
+
+def _token_id(metadata: dict, key: str, vocab_size: int) -> int | None:
+    """An optional token id, which must name a token of the vocabulary."""
+    value = metadata.get(key)
+    if value is not None and (type(value) is not int or not 0 <= value < vocab_size):
+        raise GGUFError(f"GGUF metadata {key} is {value!r}, not a token id 0..{vocab_size - 1}")
+    return value

@@ -21,7 +21,7 @@ import numpy
 
 from minift.data import ByteTokenizer
 from minift.data.bpe import BYTE_TO_CHAR, BPETokenizer
-from minift.io.safetensors import atomic_write_bytes, load_file, save_file
+from minift.io.safetensors import atomic_write_bytes, load_file, read_json, save_file
 from minift.io.tokenizer_json import load_tokenizer_json, save_tokenizer_json
 from minift.models import LlamaConfig, LlamaForCausalLM
 from minift.models.llama import LlamaAttention, LlamaBlock, LlamaMLP, LlamaModel
@@ -57,17 +57,60 @@ class SavedModel:
 
 
 def read_model(folder: str | Path) -> SavedModel:
-    """Read a folder written by ``save_model`` without building the model."""
+    """Read a folder written by ``save_model`` without building the model.
+
+    Everything is checked first: ``config.json`` must be an object of LlamaConfig's fields, and
+    the weights must hold at least as many values as that config's model (a corrupt
+    ``n_layers: 1000000`` is refused here, not after allocating a million layers)."""
     folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"{folder} is not a minift model folder (no config.json)")
-    config = json.loads(config_path.read_text())
+    config = _json_object(config_path, "a model's config.json")
     if config.pop("architecture", "llama") != "llama":
         raise ValueError(f"{config_path}: unsupported architecture")
     tokenizer = config.pop("tokenizer", "byte")
     surgery = config.pop("surgery", None)
-    return SavedModel(LlamaConfig(**config), tokenizer, surgery, load_file(folder / "model.safetensors"))
+    unknown = sorted(set(config) - set(LlamaConfig.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"{config_path}: unknown fields {unknown}; a minift config.json holds "
+                         f"{', '.join(LlamaConfig.__dataclass_fields__)}, architecture, tokenizer and surgery")
+    llama = _llama_config(config_path, **config)
+    state = load_file(folder / "model.safetensors")
+    check_weights_fit(llama, state, config_path)
+    return SavedModel(llama, tokenizer, surgery, state)
+
+
+def _json_object(path: Path, what: str) -> dict:
+    """The JSON object in ``path``; anything else (a list, bad JSON, a folder) is a clear error."""
+    value = read_json(path, what)
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: holds a JSON {type(value).__name__}, but {what} is a JSON object "
+                         "{\"key\": value, ...}; fix or rewrite the file")
+    return value
+
+
+def _llama_config(path: Path, **fields) -> LlamaConfig:
+    """``LlamaConfig(**fields)``, its refusal naming the file the fields came from."""
+    try:
+        return LlamaConfig(**fields)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
+def check_weights_fit(config: LlamaConfig, state: dict, path) -> None:
+    """Refuse a config whose model needs more numbers than the weights store: building it first
+    would allocate what the (few-byte) config claims, before any mismatch could be noticed."""
+    stored = sum(int(array.size) for array in state.values())
+    if config.num_parameters > stored:
+        raise ValueError(f"{path}: describes a model of {config.num_parameters:,} parameters, but its weights "
+                         f"hold {stored:,} values; the config and the weights are from different models")
+
+
+def _hf_field(hf: dict, key: str, path):
+    if key not in hf:
+        raise KeyError(f"{path}: no {key!r}; a Hugging Face Llama config.json needs it")
+    return hf[key]
 
 
 def llama_config_from_hf(hf: dict, path: Path | str = "config.json") -> LlamaConfig:
@@ -77,27 +120,34 @@ def llama_config_from_hf(hf: dict, path: Path | str = "config.json") -> LlamaCon
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{path}: hidden_act {hf['hidden_act']!r}; Llama's MLP uses silu")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # transformers 5 | 4
+    if not isinstance(rope, dict):
+        raise ValueError(f"{path}: rope_parameters / rope_scaling is {rope!r}, expected an object")
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise ValueError(f"{path}: RoPE scaling {rope} is not implemented in minift")
-    heads = hf["num_attention_heads"]
-    config = LlamaConfig(
-        vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=heads,
-        n_kv_heads=hf.get("num_key_value_heads") or heads, ffn_dim=hf["intermediate_size"],
-        max_seq_len=hf["max_position_embeddings"], rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 1e4))),
-        norm_eps=float(hf["rms_norm_eps"]), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    heads = _hf_field(hf, "num_attention_heads", path)
+    config = _llama_config(
+        path, vocab_size=_hf_field(hf, "vocab_size", path), dim=_hf_field(hf, "hidden_size", path),
+        n_layers=_hf_field(hf, "num_hidden_layers", path), n_heads=heads,
+        n_kv_heads=hf.get("num_key_value_heads") or heads, ffn_dim=_hf_field(hf, "intermediate_size", path),
+        max_seq_len=_hf_field(hf, "max_position_embeddings", path),
+        rope_theta=rope.get("rope_theta", hf.get("rope_theta", 1e4)), norm_eps=_hf_field(hf, "rms_norm_eps", path),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         attention_bias=bool(hf.get("attention_bias", False)), mlp_bias=bool(hf.get("mlp_bias", False)),
-        init_std=float(hf.get("initializer_range", 0.02)))
+        init_std=hf.get("initializer_range", 0.02))
     if hf.get("head_dim", config.head_dim) != config.head_dim:
         raise ValueError(f"{path}: head_dim {hf['head_dim']} != hidden_size / num_attention_heads")
     return config
 
 
 def load_hf_folder(folder: Path):
-    """-> (model, tokenizer) from a Hugging Face Llama folder (weights may be sharded)."""
-    config = llama_config_from_hf(json.loads((folder / "config.json").read_text()), folder / "config.json")
+    """-> (model, tokenizer) from a Hugging Face Llama folder (weights may be sharded); the
+    config is checked against the stored weights before the model is built."""
+    config_path = folder / "config.json"
+    config = llama_config_from_hf(_json_object(config_path, "a model's config.json"), config_path)
     state = {name: array for shard in _weight_files(folder) for name, array in load_file(shard).items()}
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)  # some writers store the tied copy too
+    check_weights_fit(config, state, config_path)
     model = LlamaForCausalLM(config)
     model.load_state_dict(state)
     tokenizer = load_tokenizer_json(folder)
@@ -108,7 +158,10 @@ def _weight_files(folder: Path) -> list[Path]:
     """The shards the index names, else ``model.safetensors``, else every ``*.safetensors``."""
     index = folder / INDEX_NAME
     if index.is_file():
-        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        weight_map = _json_object(index, "a shard index").get("weight_map")
+        if not (isinstance(weight_map, dict) and all(isinstance(f, str) and "/" not in f for f in weight_map.values())):
+            raise ValueError(f"{index}: weight_map must map tensor names to shard file names in this folder")
+        return [folder / name for name in sorted(set(weight_map.values()))]
     if (folder / WEIGHTS_NAME).is_file():
         return [folder / WEIGHTS_NAME]
     shards = sorted(folder.glob("*.safetensors"))

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy
 
 from minift.backend import to_numpy
-from minift.io.safetensors import atomic_write_bytes, load_file, save_file
+from minift.io.safetensors import atomic_write_bytes, load_file, read_json, save_file
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -98,10 +98,10 @@ def read_adapter_folder(folder: str | Path) -> tuple[dict, dict]:
             raise FileNotFoundError(f"{folder / name} does not exist: a PEFT adapter folder needs {CONFIG_NAME} "
                                     f"and {WEIGHTS_NAME}; check the path, or {_RESAVE}")
     try:
-        config = json.loads((folder / CONFIG_NAME).read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterFormatError(f"{folder / CONFIG_NAME}: not valid JSON ({exc}); fix the file or {_RESAVE}") from None
-    tensors = load_file(folder / WEIGHTS_NAME)
+        config = read_json(folder / CONFIG_NAME, "an adapter config")
+    except ValueError as exc:
+        raise AdapterFormatError(f"{exc}; or {_RESAVE}") from None
+    tensors = load_file(folder / WEIGHTS_NAME, allow_nonfinite=True)  # check_adapter says what NaN means here
     check_adapter(config, tensors, folder)
     return config, tensors
 
@@ -113,7 +113,7 @@ def read_adapter_base(folder: str | Path) -> dict | None:
 
     It matters when merging: a QLoRA adapter learned to correct the NF4 base Q(W), not W."""
     path = Path(folder) / WEIGHTS_NAME
-    _, metadata = load_file(path, with_metadata=True)
+    _, metadata = load_file(path, with_metadata=True, allow_nonfinite=True)
     if BASE_KEY not in metadata:
         return None
     try:

@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from minift.data.bpe import BPETokenizer
-from minift.io.safetensors import atomic_write_bytes
+from minift.io.safetensors import atomic_write_bytes, read_json
 
 _BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
 _DIGITS = {"type": "Digits", "individual_digits": True}
@@ -55,17 +55,40 @@ def _check_bpe_model(model: dict, path: Path) -> None:
             raise ValueError(f"{path}: BPE option {option}={model[option]!r} is not supported")
 
 
+def _json_object(path: Path) -> dict:
+    value = read_json(path, path.name)
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: holds a JSON {type(value).__name__}, but {path.name} is a JSON object; "
+                         "save the tokenizer again")
+    return value
+
+
+def _check_vocabulary(model: dict, added: list, path: Path) -> None:
+    """The shapes the reader relies on: vocab {token: id}, merges of "a b" strings or pairs, and
+    added tokens {"id", "content"}."""
+    vocab, merges = model.get("vocab"), model.get("merges")
+    if not (isinstance(vocab, dict) and all(type(i) is int for i in vocab.values())):
+        raise ValueError(f"{path}: model.vocab must be an object {{token: id}}")
+    if not (isinstance(merges, list) and all(isinstance(m, str) and m.count(" ") == 1 or
+                                             isinstance(m, list) and len(m) == 2 for m in merges)):
+        raise ValueError(f"{path}: model.merges must be a list of \"a b\" strings or [a, b] pairs")
+    if not (isinstance(added, list) and all(isinstance(t, dict) and type(t.get("id")) is int
+                                            and isinstance(t.get("content"), str) for t in added)):
+        raise ValueError(f"{path}: added_tokens must be a list of {{\"id\": int, \"content\": str}}")
+
+
 def load_tokenizer_json(folder: str | Path) -> BPETokenizer:
     """The ``BPETokenizer`` of a folder with ``tokenizer.json`` (+ ``tokenizer_config.json``)."""
     folder = Path(folder)
     path = folder / "tokenizer.json"
     if not path.is_file():
         raise FileNotFoundError(f"{folder} has no tokenizer.json")
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = _json_object(path)
     config_path = folder / "tokenizer_config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    config = _json_object(config_path) if config_path.is_file() else {}
     model = data.get("model", {})
     _check_bpe_model(model, path)
+    _check_vocabulary(model, data.get("added_tokens", []), path)
     if data.get("normalizer") is not None:
         raise ValueError(f"{path}: has a normalizer; minift's byte-level BPE applies none")
     ids = {**model["vocab"], **{t["content"]: t["id"] for t in data.get("added_tokens", [])}}

@@ -10,6 +10,7 @@ Legend: B batch, T tokens, C = dim, H query heads, Hkv key/value heads, hd head 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy
@@ -24,6 +25,23 @@ from minift.nn import Embedding, Linear, Module, ModuleList, RMSNorm
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 BLOCK_PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
+
+def _check_count(name: str, value, limit: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {value!r}")
+    if value > limit:
+        raise ValueError(f"LlamaConfig.{name} = {value} is above minift's limit LlamaConfig.LIMITS[{name!r}] = "
+                         f"{limit}; the file that gave it is corrupt, or the model is far too big for minift")
+
+
+def _check_real(name: str, value, allow_zero: bool) -> None:
+    """A finite number, positive (or zero where ``allow_zero``): NaN fails every comparison, so
+    ``value <= 0`` alone would let it through."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (is_number and math.isfinite(value) and (value > 0 or (allow_zero and value == 0))):
+        sign = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"LlamaConfig.{name} must be a finite {sign} number, got {value!r}")
+
 
 @dataclass
 class LlamaConfig:
@@ -43,17 +61,41 @@ class LlamaConfig:
     mlp_bias: bool = False
     init_std: float = 0.02
 
+    #: Upper bounds on the counts, far above any model minift can train in float32 NumPy, so that
+    #: a corrupt file (``n_layers: 1000000``) is refused by name instead of exhausting memory.
+    LIMITS = {"vocab_size": 1 << 20, "dim": 1 << 16, "n_layers": 1024, "n_heads": 1024, "n_kv_heads": 1024,
+              "ffn_dim": 1 << 18, "max_seq_len": 1 << 24}
+    #: The most parameters a config may describe (2^34, 64 GiB of float32).
+    MAX_PARAMETERS = 1 << 34
+
     def __post_init__(self):
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {value!r}")
+        for name, limit in self.LIMITS.items():
+            _check_count(name, getattr(self, name), limit)
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            _check_real(name, getattr(self, name), allow_zero=name == "init_std")
+        for name in ("tie_embeddings", "attention_bias", "mlp_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"LlamaConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.dim % self.n_heads:
             raise ValueError(f"LlamaConfig: dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"LlamaConfig: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"LlamaConfig: head_dim {self.head_dim} must be even for RoPE")
+        if self.num_parameters > self.MAX_PARAMETERS:
+            raise ValueError(f"LlamaConfig describes {self.num_parameters:,} parameters, above "
+                             f"LlamaConfig.MAX_PARAMETERS={self.MAX_PARAMETERS:,}")
+
+    @property
+    def num_parameters(self) -> int:
+        """How many numbers a model of this config holds, known before building it: a loader
+        compares it with the values its file stores before allocating anything."""
+        c, kv = self, self.n_kv_heads * self.head_dim
+        attention = 2 * c.dim * c.dim + 2 * c.dim * kv + (2 * c.dim + 2 * kv if c.attention_bias else 0)
+        mlp = 3 * c.dim * c.ffn_dim + (2 * c.ffn_dim + c.dim if c.mlp_bias else 0)
+        block = attention + mlp + 2 * c.dim  # + the two RMSNorm weights
+        head = 0 if c.tie_embeddings else c.vocab_size * c.dim
+        return c.vocab_size * c.dim + c.n_layers * block + c.dim + head
 
     @property
     def head_dim(self) -> int:

@@ -24,6 +24,7 @@ import re
 from dataclasses import asdict, dataclass, field
 
 import numpy
+import regex
 
 import minift.autograd.functional as F
 from minift.autograd import Function, is_grad_enabled, no_grad
@@ -34,6 +35,26 @@ from minift.nn.linear4bit import Linear4bit
 
 #: PEFT's default targets for Llama models: the query and value projections.
 DEFAULT_TARGETS = ["q_proj", "v_proj"]
+
+
+#: Seconds one ``target_modules`` regex may take to match one module name.
+REGEX_TIMEOUT_S = 1.0
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_targets(targets) -> None:
+    """A list of names, or one regex that compiles."""
+    if isinstance(targets, str):
+        try:
+            regex.compile(targets)
+        except regex.error as exc:
+            raise ValueError(f"LoraConfig.target_modules {targets!r} is not a valid regex ({exc})") from None
+    elif not (isinstance(targets, (list, tuple, set)) and all(isinstance(t, str) for t in targets)):
+        raise ValueError(f"LoraConfig.target_modules must be a list of module names or a regex string, "
+                         f"got {targets!r}")
 
 
 @dataclass
@@ -55,12 +76,12 @@ class LoraConfig:
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
-        if not isinstance(self.r, int) or self.r <= 0:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
-        if self.lora_alpha <= 0:
-            raise ValueError(f"LoraConfig.lora_alpha must be positive, got {self.lora_alpha}")
-        if not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not _is_real(self.lora_alpha) or not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0:
+            raise ValueError(f"LoraConfig.lora_alpha must be a finite positive number, got {self.lora_alpha!r}")
+        if not _is_real(self.lora_dropout) or not 0 <= self.lora_dropout < 1:  # NaN fails 0 <= x
+            raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         if self.init_lora_weights not in (True, False, "gaussian"):
@@ -68,8 +89,25 @@ class LoraConfig:
                              f"got {self.init_lora_weights!r}")
         if self.target_modules is None:
             self.target_modules = list(DEFAULT_TARGETS)
+        _check_targets(self.target_modules)
         if isinstance(self.layers_to_transform, int):
             self.layers_to_transform = [self.layers_to_transform]
+
+    def targets(self, name: str) -> bool:
+        """Whether module ``name`` is a target, by PEFT's rules: a string is a regex that must
+        match the whole name; a list matches a name equal to an entry or ending in "." + entry.
+
+        The regex comes from a file someone else wrote, and a pattern such as ``((.|\\w)+)+X``
+        backtracks for longer than the universe's age; the ``regex`` package's timeout turns
+        that into an error naming the pattern."""
+        if not isinstance(self.target_modules, str):
+            return any(name == t or name.endswith("." + t) for t in self.target_modules)
+        try:
+            return regex.fullmatch(self.target_modules, name, timeout=REGEX_TIMEOUT_S) is not None
+        except TimeoutError:
+            raise ValueError(f"LoraConfig.target_modules regex {self.target_modules!r} took over {REGEX_TIMEOUT_S} s "
+                             f"to match the module name {name!r} (catastrophic backtracking); write a simpler "
+                             "pattern or list the module names") from None
 
     @property
     def scaling(self) -> float:
@@ -213,11 +251,7 @@ def target_module_names(model: Module, config: LoraConfig) -> list[str]:
     ending with "." + entry. ``layers_to_transform`` keeps only those block numbers."""
     names = []
     for name, module in model.named_modules():
-        if isinstance(config.target_modules, str):
-            hit = re.fullmatch(config.target_modules, name) is not None
-        else:
-            hit = any(name == t or name.endswith("." + t) for t in config.target_modules)
-        if not hit:
+        if not config.targets(name):
             continue
         if config.layers_to_transform is not None and _layer_of(name) not in config.layers_to_transform:
             continue

@@ -231,10 +231,21 @@ class PeftModel(Module):
         return None
 
     def load_adapter(self, folder: str | Path, adapter_name: str) -> None:
-        """Add the adapter saved in ``folder`` under ``adapter_name`` and load its weights."""
+        """Add the adapter saved in ``folder`` under ``adapter_name`` and load its weights.
+
+        All or nothing: when the folder does not fit this model, the error leaves no trace of
+        ``adapter_name`` behind (no half-registered adapter that a retry would collide with)."""
         config, saved = _read(folder)
-        self.add_adapter(adapter_name, config)
-        self._load_weights(saved, adapter_name, folder)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"an adapter named {adapter_name!r} already exists")
+        try:
+            self.add_adapter(adapter_name, config)
+            self._load_weights(saved, adapter_name, folder)
+        except BaseException:
+            _discard_adapter(self.model, adapter_name)
+            self.peft_config.pop(adapter_name, None)
+            self.set_adapter(self.active_adapter)
+            raise
 
     def _load_weights(self, saved: dict, name: str, folder) -> None:
         expected = {k: v for k, v in self.adapter_state_dict(name).items()}
@@ -253,17 +264,45 @@ class PeftModel(Module):
 
     @classmethod
     def from_pretrained(cls, model: Module, folder: str | Path, adapter_name: str = "default") -> PeftModel:
-        """Wrap ``model`` and load the adapter saved in ``folder`` (by minift or by PEFT)."""
+        """Wrap ``model`` and load the adapter saved in ``folder`` (by minift or by PEFT). On an
+        error ``model`` is given back as it was: unwrapped, its parameters' ``requires_grad`` kept."""
         config, saved = _read(folder)
-        peft_model = cls(model, config, adapter_name)
-        peft_model._load_weights(saved, adapter_name, folder)
+        trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+        try:
+            peft_model = cls(model, config, adapter_name)
+            peft_model._load_weights(saved, adapter_name, folder)
+        except BaseException:
+            _discard_adapter(model, adapter_name)
+            for name, p in model.named_parameters():
+                p.requires_grad_(trainable[name])
+            raise
         return peft_model
+
+
+def _discard_adapter(model: Module, name: str) -> None:
+    """Remove every trace of adapter ``name`` from ``model`` (what a failed load undoes): its
+    A/B pairs and module copies, and the wrappers that held nothing else."""
+    for module_name, layer in lora_layers(model):
+        if name in layer.lora_A:
+            del layer.lora_A[name], layer.lora_B[name]
+            layer.scaling.pop(name, None), layer.dropout.pop(name, None)
+        if not len(layer.lora_A):
+            model.set_submodule(module_name, layer.base_layer)
+    wrappers = [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSave)]
+    for module_name, wrapper in wrappers:
+        if name in wrapper.modules_to_save:
+            del wrapper.modules_to_save[name]
+        if not len(wrapper.modules_to_save):
+            model.set_submodule(module_name, wrapper.original_module)
 
 
 def _read(folder: str | Path) -> tuple[LoraConfig, dict]:
     """The adapter in ``folder``, checked by the format's reader, its config parsed for LoRA."""
     config, saved = read_adapter_folder(folder)
-    return LoraConfig.from_peft_dict(config), saved
+    try:
+        return LoraConfig.from_peft_dict(config), saved
+    except ValueError as exc:
+        raise ValueError(f"{Path(folder) / 'adapter_config.json'}: {exc}") from None
 
 
 def _in_memory_name(saved_key: str, adapter: str, own: dict) -> str:

@@ -14,7 +14,6 @@ only a method that added modules (adapters, prefixes) keeps minift's own format.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from minift.data import ByteTokenizer
@@ -24,6 +23,7 @@ from minift.io.hub import MODELS, fetch
 from minift.io.model_dir import load_hf_folder, read_model, save_hf_folder, save_model
 from minift.io.peft_adapter import CONFIG_NAME as ADAPTER_CONFIG
 from minift.io.peft_adapter import read_adapter_base
+from minift.io.safetensors import read_json
 from minift.io.tokenizer_json import load_tokenizer_json, save_tokenizer_json
 from minift.models import LlamaForCausalLM
 from minift.nn import quantize_model
@@ -39,7 +39,8 @@ def _load_folder(folder: Path):
             raise FileNotFoundError(f"{folder} is not a model folder (no config.json) nor a LoRA adapter "
                                     f"(no {ADAPTER_CONFIG}, nor adapter/{ADAPTER_CONFIG})")
         return _load_adapter(adapter)
-    if "model_type" in json.loads(config_path.read_text()):
+    config = read_json(config_path, "a model's config.json")
+    if isinstance(config, dict) and "model_type" in config:  # read_model explains any other shape
         return load_hf_folder(folder)
     saved = read_model(folder)
     model = LlamaForCausalLM(saved.config)
@@ -67,7 +68,7 @@ def adapter_of(path: str | Path) -> Path | None:
 def adapter_base_name(folder: Path) -> str:
     """What ``load_pretrained`` takes for the base an adapter names (``base_model_name_or_path``:
     a hub id of a known name, mapped back to that name, or a path)."""
-    config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    config = read_json(folder / ADAPTER_CONFIG, "a PEFT adapter_config.json")
     base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
     if not base:
         raise FileNotFoundError(f"{folder / ADAPTER_CONFIG}: base_model_name_or_path is missing, so the base "

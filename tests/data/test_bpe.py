@@ -2,6 +2,8 @@
 special tokens, decoding, and SmolLM2's chat template rendered without Jinja."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from minift.data import Tokenizer
 from minift.data.bpe import (
@@ -10,6 +12,7 @@ from minift.data.bpe import (
     BPETokenizer,
     bytes_to_unicode,
     default_system_prompt,
+    merge_pieces,
     pretokenize,
 )
 
@@ -117,3 +120,71 @@ def test_bpe_tokenizer_satisfies_the_tokenizer_protocol():
     assert isinstance(tok, Tokenizer)
     assert (tok.vocab_size, tok.eos_id, tok.pad_id) == (3 + 256 + len(MERGES), 2, 2)
     assert tok.special_tokens == {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
+
+
+# ---- the merge loop: same output as the textbook loop, linear work ---------------------------
+
+
+def textbook_merges(parts, ranks):
+    """The quadratic reference: rescan every adjacent pair after each merge, join the best
+    (the leftmost among equals); the loop minift ran before ``merge_pieces``."""
+    parts = list(parts)
+    while len(parts) > 1:
+        rank, i = min((ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(parts, parts[1:])))
+        if rank == len(ranks):
+            break
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
+@st.composite
+def merge_tables(draw):
+    """A merge list over the letters a, b, c: each merge joins two tokens that exist already
+    (no pair twice, as in a real tokenizer)."""
+    tokens, merges = ["a", "b", "c"], []
+    for _ in range(draw(st.integers(0, 25))):
+        pair = (draw(st.sampled_from(tokens)), draw(st.sampled_from(tokens)))
+        if pair not in merges:
+            merges.append(pair)
+            tokens.append(pair[0] + pair[1])
+    return merges
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(merge_tables(), st.text(alphabet="abc", max_size=60))
+def test_merge_pieces_gives_the_textbook_loops_pieces(merges, word):
+    ranks = {pair: rank for rank, pair in enumerate(merges)}
+    assert merge_pieces(list(word), ranks) == textbook_merges(list(word), ranks)
+
+
+class CountingRanks(dict):
+    """A rank table that counts how often it is consulted."""
+
+    lookups = 0
+
+    def get(self, key, default=None):
+        CountingRanks.lookups += 1
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        CountingRanks.lookups += 1
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        CountingRanks.lookups += 1
+        return super().__contains__(key)
+
+
+def test_a_long_word_costs_work_linear_in_its_length():
+    tok = make_tokenizer()
+    tok.ranks = CountingRanks(tok.ranks)
+    CountingRanks.lookups = 0
+    tok.encode("hello" * 2000)  # one 10,000-letter word: the textbook loop consults ranks ~10^7 times
+    assert 0 < CountingRanks.lookups < 10 * 10_000
+
+
+def test_max_token_bytes_bounds_how_many_bytes_one_token_spells():
+    tok = make_tokenizer()
+    assert tok.max_token_bytes == len("hello")  # the longest merge; the specials do not count
+    text = "hello the 12 Ġhello"
+    assert len(tok.encode(text, allow_special=False)) >= len(text.encode()) / tok.max_token_bytes

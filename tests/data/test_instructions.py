@@ -231,3 +231,41 @@ def test_load_qa(tmp_path):
     bad = write_lines(tmp_path, [json.dumps({**good, "choices": ["Rome", "Oslo"]})])
     with pytest.raises(DataError, match=":1: the answer 'Paris' is not among the choices"):
         load_qa(bad)
+
+
+# ---- files and records that used to crash or hang -------------------------------------------
+
+
+def test_a_folder_a_non_utf8_line_and_deep_nesting_are_named_with_file_and_line(tmp_path):
+    with pytest.raises(DataError, match="is a folder; point at a .jsonl file"):
+        load_jsonl(tmp_path)
+    good = json.dumps({"instruction": "Q", "output": "A"}).encode()
+    (tmp_path / "latin1.jsonl").write_bytes(good + b"\n" + '{"instruction": "café"}'.encode("latin-1") + b"\n")
+    with pytest.raises(DataError, match=r"latin1.jsonl:2: not UTF-8 \(byte b'\\xe9' at column 21\)"):
+        load_jsonl(tmp_path / "latin1.jsonl")
+    (tmp_path / "deep.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(DataError, match="deep.jsonl:1: JSON nested deeper than the parser can follow"):
+        load_jsonl(tmp_path / "deep.jsonl")
+
+
+class SpyTokenizer(ByteTokenizer):
+    """The byte tokenizer, remembering the longest text it was asked to encode."""
+
+    longest = 0
+
+    def encode(self, text, allow_special=True):
+        SpyTokenizer.longest = max(SpyTokenizer.longest, len(text))
+        return super().encode(text, allow_special)
+
+
+def test_a_record_too_long_for_max_len_is_refused_or_cut_before_tokenizing():
+    tok, huge = SpyTokenizer(), {"instruction": "Q", "output": "x" * 1_000_000}
+    SpyTokenizer.longest = 0
+    with pytest.raises(DataError, match="example 0 is too long: message 1 has 1,000,000 characters"):
+        InstructionDataset([huge], tok, max_len=64)
+    assert SpyTokenizer.longest < 100  # refused on its length: the million characters were never encoded
+    dataset = InstructionDataset([huge], tok, max_len=64, truncate=True)
+    assert SpyTokenizer.longest == 2 * 65  # cut to twice what 64 byte-tokens can spell
+    full = encode_example(ByteTokenizer(), to_messages({"instruction": "Q", "output": "x" * 1000}), 64, truncate=True)
+    np.testing.assert_array_equal(dataset[0]["input_ids"], full[0])  # the same ids as cutting after encoding
+    np.testing.assert_array_equal(dataset[0]["labels"], full[1])

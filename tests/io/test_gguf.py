@@ -288,3 +288,50 @@ def test_smollm2_config_and_dequantization_match_the_gguf_package(smollm2_gguf):
         assert t.type_name == kind
         reference = gguf.quants.dequantize(t.raw, gguf.GGMLQuantizationType[kind])
         np.testing.assert_array_equal(file.array(name), reference)
+
+
+# ---- validated before anything is built ------------------------------------------------------
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"llama.block_count": 10**9}, r"n_layers = 1000000000 is above minift's limit LlamaConfig.LIMITS\['n_layers'\]"),
+    ({"llama.block_count": 1000}, "describes a model of .* parameters, but the file's tensors hold"),
+    ({"llama.vocab_size": 10**9}, r"LIMITS\['vocab_size'\]"),
+    ({"llama.feed_forward_length": 200_000}, "describes a model of .* parameters"),
+    ({"llama.attention.layer_norm_rms_epsilon": -1e-5}, "norm_eps must be a finite positive number"),
+    ({"llama.rope.freq_base": float("nan")}, "rope_theta must be a finite positive number, got nan"),
+    ({"llama.block_count": "2"}, "llama.block_count is '2', expected a int"),
+])
+def test_metadata_is_checked_against_the_tensors_before_a_model_is_built(tmp_path, change, message):
+    file = read_gguf(write_gguf(tmp_path / "t.gguf", tiny_model()))
+    with pytest.raises(GGUFError, match=message):
+        config_from_metadata({**file.metadata, **change}, file.tensors)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_weights_are_refused_naming_the_tensor_unless_allowed(tmp_path, bad):
+    model = tiny_model()
+    model.model.layers[1].mlp.up_proj.weight.data[3, 4] = bad
+    path = write_gguf(tmp_path / "t.gguf", model)
+    with pytest.raises(GGUFError, match=r"t.gguf: tensor blk.1.ffn_up.weight holds NaN or infinite values"):
+        load_gguf(path)
+    loaded, _ = load_gguf(path, allow_nonfinite=True)
+    np.testing.assert_array_equal(loaded.model.layers[1].mlp.up_proj.weight.data[3, 4], bad)
+
+
+def test_tensors_sharing_bytes_are_refused(tmp_path):
+    data = bytearray(write_gguf(tmp_path / "t.gguf", tiny_model()).read_bytes())
+    name = b"blk.1.ffn_down.weight"
+    offset_at = data.index(name) + len(name) + 4 + 2 * 8 + 4  # n_dims u32, two u64 dims, type u32
+    data[offset_at:offset_at + 8] = (32).to_bytes(8, "little")  # inside the first tensor's bytes
+    (tmp_path / "alias.gguf").write_bytes(bytes(data))
+    with pytest.raises(GGUFError, match="alias.gguf: tensors .* overlap"):
+        read_gguf(tmp_path / "alias.gguf")
+
+
+def test_a_folder_and_a_bad_token_id_are_clear_errors(tmp_path):
+    with pytest.raises(GGUFError, match="is a folder"):
+        read_gguf(tmp_path)
+    file = read_gguf(write_gguf(tmp_path / "t.gguf", tiny_model()))
+    with pytest.raises(GGUFError, match=r"eos_token_id is 100000, not a token id 0..261"):
+        tokenizer_from_metadata({**file.metadata, "tokenizer.ggml.eos_token_id": 100_000})

@@ -84,3 +84,61 @@ def test_bfloat16_rounding_is_the_nearest_value_ties_to_even(x):
     """``to_bfloat16_bits`` (a bit trick: add 0x7FFF plus the lowest kept bit, cut) equals the
     nearest bfloat16, found by comparing the two candidates in float64."""
     assert int(to_bfloat16_bits(np.array([x], np.float32))[0]) == nearest_bfloat16_bits(x)
+
+
+# ---- malformed headers and values: refused before any tensor is read -------------------------
+
+
+def raw_file(path, header, data=b""):
+    """A safetensors file with exactly this header (a dict, or raw JSON bytes) and data."""
+    blob = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(len(blob).to_bytes(8, "little") + blob + data)
+    return path
+
+
+F32_PAIR = np.arange(8, dtype=np.float32).tobytes()  # 32 bytes: room for two (4,) tensors
+
+
+@pytest.mark.parametrize(("header", "message"), [
+    ({"x": {"shape": [4], "data_offsets": [0, 16]}}, r"tensor 'x': header entry .* needs 'dtype'"),
+    ({"x": ["F32", [4], [0, 16]]}, r"tensor 'x': header entry .* needs 'dtype'"),
+    ({"x": {"dtype": "F8", "shape": [4], "data_offsets": [0, 16]}}, "unsupported dtype 'F8'"),
+    ({"x": {"dtype": "F32", "shape": [4.0], "data_offsets": [0, 16]}}, "shape .* not a list of non-negative"),
+    ({"x": {"dtype": "F32", "shape": [-4], "data_offsets": [0, 16]}}, "shape .* not a list of non-negative"),
+    ({"x": {"dtype": "F32", "shape": [4], "data_offsets": [0]}}, r"data_offsets \[0\] is not \[begin, end\]"),
+    ({"x": {"dtype": "F32", "shape": [10**9, 10**9], "data_offsets": [0, 16]}}, "needs 4000000000000000000 bytes"),
+    ({"x": {"dtype": "F32", "shape": [4], "data_offsets": [32, 48]}}, "ends at byte 48 of a 32-byte"),
+    ({"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+      "y": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}, "tensors 'x' and 'y' overlap"),
+    ({"__metadata__": ["format"]}, "__metadata__ is a JSON list"),
+    (b"[" * 100_000 + b"]" * 100_000, "nests JSON .* deeper"),
+    (b'{"x\xff": 1}', "not UTF-8"),
+])
+def test_a_malformed_header_is_named_with_file_and_tensor(tmp_path, header, message):
+    path = raw_file(tmp_path / "bad.safetensors", header, F32_PAIR)
+    with pytest.raises(SafetensorsError, match=message) as error:
+        load_file(path)
+    assert str(path) in str(error.value)
+
+
+def test_an_overlong_header_length_is_refused_without_reading_it(tmp_path):
+    path = tmp_path / "huge.safetensors"
+    path.write_bytes((2**63).to_bytes(8, "little") + b"{}")
+    with pytest.raises(SafetensorsError, match="header length 9223372036854775808 runs past"):
+        load_file(path)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_values_are_refused_unless_allowed(tmp_path, bad):
+    weights = np.ones((2, 3), np.float32)
+    weights[1, 2] = bad
+    save_file({"ok": np.ones(2, np.float32), "w": weights}, tmp_path / "a.safetensors")
+    with pytest.raises(SafetensorsError, match=r"a.safetensors: tensor 'w' holds 1 NaN or infinite values"):
+        load_file(tmp_path / "a.safetensors")
+    loaded = load_file(tmp_path / "a.safetensors", allow_nonfinite=True)
+    np.testing.assert_array_equal(loaded["w"], weights)
+
+
+def test_a_folder_in_place_of_the_file_is_named(tmp_path):
+    with pytest.raises(ValueError, match="is a folder, but a safetensors file is a file"):
+        load_file(tmp_path)
