@@ -32,7 +32,8 @@ def _load_cupy() -> types.ModuleType:
     except ImportError as exc:
         raise BackendUnavailableError(
             "backend 'cupy' needs the CuPy package, which is not installed. "
-            "Install it with: pip install 'minift[gpu]' (a CuPy wheel for CUDA 12)."
+            "Install it with: pip install 'minift[gpu]' (a CuPy wheel for CUDA 12), "
+            "or unset MINIFT_BACKEND to run on the CPU with NumPy."
         ) from exc
     try:
         n_devices = cupy.cuda.runtime.getDeviceCount()

@@ -27,17 +27,26 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+import textwrap
+import time
 from dataclasses import asdict
 from pathlib import Path
 
 from threadpoolctl import threadpool_limits
 
+try:  # the first minift import picks the backend MINIFT_BACKEND names: one that cannot run is one line
+    import minift.backend  # noqa: F401
+except RuntimeError as exc:  # minift.backend.BackendUnavailableError, which never finished importing
+    sys.exit(f"minift: {exc}")
+
 from minift.allocator import keep_freed_memory
 from minift.data import ByteTokenizer, DataLoader, InstructionDataset, TextDataset, bundled_path
 from minift.io import save_model
 from minift.io.hub import FetchError
+from minift.models.generate import TextStream, stream
 from minift.nn import dequantize_model, trainable_report
 from minift.peft import PeftModel
+from minift.studies.demo import DemoSettings, run_demo, tiny_config
 from minift.studies.memory import LEDGER_METHODS
 from minift.training import TrainConfig, Trainer, TrainingError, TrainingInterrupted, evaluate_loss, perplexity
 from minift.training.export import FORMATS, export_model, format_drift
@@ -71,14 +80,25 @@ DEFAULT_THREADS = {"demo": 1}
 
 
 def cmd_demo(args) -> None:
-    from minift.studies.demo import DemoSettings, run_demo  # noqa: PLC0415 - heavy imports only when used
+    run_demo(args.out, DemoSettings.fast() if args.fast else DemoSettings(), resume=args.resume,
+             overwrite=args.overwrite)
 
-    run_demo(args.out, DemoSettings.fast() if args.fast else DemoSettings())
+
+def _load(name: str):
+    """``load_pretrained`` with a status line on stderr (stdout stays the answer alone): reading
+    SmolLM2 takes seconds, tens of them on a busy machine, and silence looks like a hang."""
+    print(f"loading {name} ...", end=" ", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    try:
+        loaded = load_pretrained(name)
+    except BaseException:
+        print(file=sys.stderr)  # the error (or Ctrl-C) starts a line of its own
+        raise
+    print(f"loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return loaded
 
 
 def cmd_train(args) -> None:
-    from minift.studies.demo import tiny_config  # noqa: PLC0415
-
     tok = ByteTokenizer()
     text = Path(args.data).read_text()
     loader = DataLoader(TextDataset(text, tok, args.block_size), args.batch_size, seed=args.seed, pad_id=tok.pad_id)
@@ -92,7 +112,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_finetune(args) -> None:
-    model, tok = load_pretrained(args.model)
+    model, tok = _load(args.model)
     system = _system_prompt(args, tok)
     options = MethodOptions(layers=args.layers, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                             bottleneck=args.bottleneck, prefix_tokens=args.prefix_tokens, seed=args.seed)
@@ -134,46 +154,72 @@ def cmd_export(args) -> None:
         print(f"  {'total':<32}{sum(report.files.values()):>15,} bytes")
 
 
-def _complete(model, tok, text: str, args, stop: bool) -> str:
-    """Generate from ``text`` with the sampling flags; ``stop`` ends at the tokenizer's eos."""
+def _reply(model, tok, text: str, args, stop: bool) -> str:
+    """Print the model's continuation of ``text`` token by token as it is generated (through the
+    KV cache, ``minift.models.generate.stream``) -> the text printed. ``stop`` ends at the
+    tokenizer's eos, and then a reply the token limit cut short is marked "[max tokens]".
+    Ctrl-C ends the reply early and keeps what was said ("[stopped]")."""
     ids = tok.encode(text)
     room = model.config.max_seq_len - len(ids)
     if room <= 0:
-        raise ValueError(f"the prompt has {len(ids)} tokens; the context holds {model.config.max_seq_len}")
-    out = model.generate([ids], min(args.max_new_tokens, room), temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, eos_id=tok.eos_id if stop else None, seed=args.seed)[0]
-    return tok.decode(out.tolist(), skip_special=True)
+        raise ValueError(f"the prompt has {len(ids)} tokens; the context holds {model.config.max_seq_len}. "
+                         f"Shorten it (in a chat: /reset)")
+    limit = min(args.max_new_tokens, room)
+    tokens = stream(model, [ids], limit, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    eos_id=tok.eos_id if stop else None, seed=args.seed)
+    shown, count, ended = TextStream(tok), 0, False
+    try:
+        for token in tokens:
+            count += 1
+            ended = stop and int(token[0]) == tok.eos_id
+            _show(shown.push(token[0]))
+    except KeyboardInterrupt:
+        tokens.close()
+        _show(shown.finish())
+        print(" [stopped]")
+        return shown.shown
+    _show(shown.finish())
+    cut = stop and not ended and count == limit
+    print("" if not cut else " [max tokens]" if limit == args.max_new_tokens else " [context full]")
+    return shown.shown
+
+
+def _show(text: str) -> None:
+    print(text, end="", flush=True)
 
 
 def cmd_generate(args) -> None:
-    model, tok = load_pretrained(args.model)
+    model, tok = _load(args.model)
     text = args.prompt
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         text = tok.apply_chat_template(messages + [{"role": "user", "content": text}], add_generation_prompt=True)
-    print(_complete(model, tok, text, args, stop=args.chat))
+    _reply(model, tok, text, args, stop=args.chat)
 
 
 def cmd_chat(args) -> None:
     """An interactive conversation: the whole history is re-sent each turn (the model is stateless)."""
-    model, tok = load_pretrained(args.model)
+    model, tok = _load(args.model)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
-    print("chat with the model: an empty line or Ctrl-D quits, /reset forgets the conversation")
+    print("chat with the model: an empty line, Ctrl-D or Ctrl-C quits; Ctrl-C during a reply stops the reply; "
+          "/reset forgets the conversation")
     while True:
         try:
             line = input("you> ").strip()
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):
+            print()  # the shell's prompt goes on a line of its own, not after "you> "
             break
         if not line:
             break
         if line == "/reset":
             history = []
+            print("history cleared: the next message starts a new conversation")
             continue
         history.append({"role": "user", "content": line})
         prompt = tok.apply_chat_template(system + history, add_generation_prompt=True)
-        reply = _complete(model, tok, prompt, args, stop=True).strip()
-        print(f"model> {reply}")
+        print("model> ", end="", flush=True)
+        reply = _reply(model, tok, prompt, args, stop=True).strip()
         history.append({"role": "assistant", "content": reply})
 
 
@@ -190,14 +236,14 @@ def cmd_forgetting(args) -> None:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    model, tok = load_pretrained(args.model)
+    model, tok = _load(args.model)
     settings = ForgettingSettings(methods=methods, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                   qa_questions=args.qa_questions, ppl_blocks=args.ppl_blocks, seed=args.seed)
     run_forgetting(model, tok, settings, args.out)
 
 
 def cmd_eval(args) -> None:
-    model, tok = load_pretrained(args.model)
+    model, tok = _load(args.model)
     if args.data.endswith(".jsonl"):
         dataset = InstructionDataset(args.data, tok, model.config.max_seq_len, system_prompt=_system_prompt(args, tok))
     else:
@@ -210,7 +256,7 @@ def cmd_serve(args) -> None:
     from minift.serve.engine import build_engine  # noqa: PLC0415
     from minift.serve.server import CompletionServer, parse_adapter_specs  # noqa: PLC0415
 
-    model, tok = load_pretrained(args.model)
+    model, tok = _load(args.model)
     engine = build_engine(model, parse_adapter_specs(args.adapter), args.slots, args.max_batch, tok.eos_id)
     server = CompletionServer(engine, tok, port=args.port, window_ms=args.batch_window_ms, verbose=True)
     print(f"serving models {['base'] + [f'base:{n}' for n in engine.library.names()]} at "
@@ -232,7 +278,7 @@ def cmd_bench_serve(args) -> None:
         raise ValueError("--adapter needs --model (without both, random adapters on a small model are used)")
     with tempfile.TemporaryDirectory() as tmp:
         if args.model:
-            (model, tok), adapters = load_pretrained(args.model), parse_adapter_specs(args.adapter)
+            (model, tok), adapters = _load(args.model), parse_adapter_specs(args.adapter)
         else:
             model, tok, adapters = synthetic_setup(tmp, args.adapters)
         engine = build_engine(model, adapters, args.slots, args.max_batch, tok.eos_id)
@@ -262,146 +308,43 @@ def cmd_memory(args) -> None:
     if args.params is not None:
         print(memory.format_projection(args.params, seq=args.seq or 2048, batch=args.batch))
         return
-    model, _ = load_pretrained(args.model)
+    model, _ = _load(args.model)
     print(memory.ledger(model, args.method, args.batch, args.seq or 64, MethodOptions(lora_r=args.lora_r)))
 
 
 def _add_training_flags(p) -> None:
-    p.add_argument("--out", required=True, help="folder for checkpoints, metrics, plots and the model")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--schedule", default="cosine", choices=["constant", "linear", "cosine"])
-    p.add_argument("--warmup-ratio", type=float, default=0.05)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--eval-every", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--out", required=True, help="folder for checkpoints, metrics.jsonl, curves.png and the model")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps to run")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (lecture 000: 1e-5..5e-5 for full "
+                   "fine-tuning of a large model, ~1e-4..1e-3 for LoRA)")
+    p.add_argument("--schedule", default="cosine", choices=["constant", "linear", "cosine"],
+                   help="how the learning rate decays after the warmup")
+    p.add_argument("--warmup-ratio", type=float, default=0.05, help="share of the steps that ramp the rate up from 0")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW's decoupled weight decay (not on "
+                   "norms and biases)")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches whose gradients add up into one "
+                   "step (effective batch = batch size x this)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm to this")
+    p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations on --eval-data "
+                   "(0: never); they draw the eval line of curves.png")
+    p.add_argument("--save-every", type=int, default=50, help="steps between checkpoints (one is always "
+                   "written at the end and on Ctrl-C)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialization and the batch order")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out "
+                   "(after Ctrl-C: the same command with --resume)")
 
 
 def _add_sampling_flags(p, max_new_tokens: int) -> None:
     """How generated tokens are chosen (``minift.models.generate``): greedy at temperature 0."""
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--seed", type=int, default=0)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minift", description="LLM fine-tuning from scratch, in NumPy.")
-    parser.add_argument("--threads", type=int, help="BLAS threads for matrix products (default: the BLAS "
-                        "library's choice; 1 for the demo's tiny model)")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("demo", help="pretrain a tiny model, fine-tune it seven ways, compare")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--fast", action="store_true", help="a few steps only (smoke test)")
-    p.set_defaults(func=cmd_demo)
-
-    p = sub.add_parser("train", help="pretrain a tiny byte-level model on a text file")
-    p.add_argument("--data", required=True)
-    p.add_argument("--block-size", type=int, default=128)
-    _add_training_flags(p)
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("finetune", help="fine-tune a saved or pretrained model on instruction JSONL")
-    p.add_argument("--model", required=True, help="a model folder, a .gguf file, or smollm2")
-    p.add_argument("--data", default=str(bundled_path("insurer_train.jsonl")),
-                   help="instruction JSONL (default: the bundled insurer set)")
-    p.add_argument("--eval-data")
-    p.add_argument("--method", default="full", choices=METHODS)
-    p.add_argument("--layers", type=int, help="blocks to freeze (freeze) or to train (last)")
-    p.add_argument("--lora-r", type=int, default=8)
-    p.add_argument("--lora-alpha", type=float, default=16)
-    p.add_argument("--bottleneck", type=int, default=16, help="adapter width (method adapter)")
-    p.add_argument("--prefix-tokens", type=int, default=8, help="virtual tokens (method prefix)")
-    p.add_argument("--system", help="system prompt added to every example")
-    p.add_argument("--save-merged", action="store_true",
-                   help="lora/qlora: also save the model with the adapter merged in, as a Hugging Face folder in --out")
-    _add_training_flags(p)
-    p.set_defaults(func=cmd_finetune)
-
-    p = sub.add_parser("export", help="write a model (an adapter merged in) as a Hugging Face folder or a GGUF file")
-    p.add_argument("--model", required=True, help="a model folder, a .gguf file, or smollm2")
-    p.add_argument("--adapter", help="a PEFT LoRA adapter folder to merge into the model first")
-    p.add_argument("--adapter-base", choices=("nf4", "float"), help="merge into the dequantized NF4 base "
-                   "(QLoRA; default when the adapter records it) or the original float weights")
-    p.add_argument("--format", required=True, choices=tuple(FORMATS))
-    p.add_argument("--out", required=True, help="the folder (hf) or .gguf file (gguf) to create")
-    p.add_argument("--dtype", help="; ".join(f"{fmt}: {', '.join(dtypes)}" for fmt, dtypes in FORMATS.items())
-                   + " (default f32)")
-    p.set_defaults(func=cmd_export)
-
-    p = sub.add_parser("generate", help="continue a prompt (or answer it with --chat)")
-    p.add_argument("prompt")
-    p.add_argument("--model", required=True)
-    p.add_argument("--chat", action="store_true")
-    p.add_argument("--system")
-    _add_sampling_flags(p, max_new_tokens=100)
-    p.set_defaults(func=cmd_generate)
-
-    p = sub.add_parser("chat", help="an interactive chat with a model (e.g. --model smollm2)")
-    p.add_argument("--model", required=True)
-    p.add_argument("--system", help="system prompt (default: the model's own, if its template has one)")
-    _add_sampling_flags(p, max_new_tokens=200)
-    p.set_defaults(func=cmd_chat)
-
-    p = sub.add_parser("fetch", help="download a pretrained model into the cache ($MINIFT_CACHE)")
-    p.add_argument("name", choices=["smollm2"])
-    p.set_defaults(func=cmd_fetch)
-
-    p = sub.add_parser("forgetting", help="general QA accuracy and perplexity before/after each method")
-    p.add_argument("--model", default="smollm2")
-    p.add_argument("--methods", default="full,freeze,lora", help="comma-separated, from: " + ",".join(METHODS))
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, help="one learning rate for all methods (default: per method)")
-    p.add_argument("--qa-questions", type=int, default=40, help="general QA questions asked")
-    p.add_argument("--ppl-blocks", type=int, default=16, help="128-token blocks of held-out text")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/forgetting")
-    p.set_defaults(func=cmd_forgetting)
-
-    p = sub.add_parser("eval", help="loss and perplexity on a .txt or .jsonl file")
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--system")
-    p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.set_defaults(func=cmd_eval)
-
-    p = sub.add_parser("serve", help="serve a model and its LoRA adapters over HTTP (OpenAI-style completions)")
-    p.add_argument("--model", required=True)
-    _add_serving_flags(p)
-    p.add_argument("--port", type=int, default=8000, help="port on 127.0.0.1 (0 picks a free one)")
-    p.add_argument("--batch-window-ms", type=float, default=15.0, help="wait this long to batch requests together")
-    p.set_defaults(func=cmd_serve)
-
-    p = sub.add_parser("bench-serve", help="tokens/s of concurrent multi-adapter requests to an in-process server")
-    p.add_argument("--model", help="default: a small random model with --adapters random adapters")
-    _add_serving_flags(p)
-    p.add_argument("--adapters", type=int, default=4, help="random adapters when no --model is given")
-    p.add_argument("--requests", type=int, default=16)
-    p.add_argument("--max-tokens", type=int, default=16)
-    p.set_defaults(func=cmd_bench_serve)
-
-    p = sub.add_parser("kernels", help="the CUDA kernels: 'check' runs each on every path against NumPy")
-    p.add_argument("action", choices=["check"])
-    p.set_defaults(func=cmd_kernels)
-
-    p = sub.add_parser("memory", help="the memory ledger: bytes of weights, gradients, optimizer, activations")
-    p.add_argument("--params", type=float, help="project lecture 003's table to N parameters (e.g. 7e9)")
-    p.add_argument("--model", help="predict and measure one training step of this model")
-    p.add_argument("--method", default="lora", choices=LEDGER_METHODS)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seq", type=int, help="tokens per row (default: 2048 with --params, 64 with --model)")
-    p.add_argument("--lora-r", type=int, default=8)
-    p.set_defaults(func=cmd_memory)
-    return parser
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                   help="the most tokens a reply may have (a cut reply ends with [max tokens])")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: always the most likely token (greedy); "
+                   "higher: sample, more varied")
+    p.add_argument("--top-k", type=int, help="sample only among the k most likely tokens (with --temperature)")
+    p.add_argument("--top-p", type=float, help="sample only among the most likely tokens whose probabilities "
+                   "add up to p (nucleus; with --temperature)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling (same seed, same answer)")
 
 
 def _add_serving_flags(p) -> None:
@@ -410,9 +353,169 @@ def _add_serving_flags(p) -> None:
     p.add_argument("--max-batch", type=int, default=16, help="rows per batch at most")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Each flag's default after its description (none for flags without one), and the examples
+    at the bottom kept line by line as written."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _command(sub, name: str, help_text: str, examples: str, func) -> argparse.ArgumentParser:
+    """A subcommand whose --help shows defaults and ends with ``examples`` (one per line)."""
+    p = sub.add_parser(name, help=help_text, description=textwrap.fill(help_text[0].upper() + help_text[1:] + "."),
+                       epilog="examples:\n" + "\n".join(f"  {line}" for line in examples.strip().splitlines()),
+                       formatter_class=_HelpFormatter)
+    p.set_defaults(func=func)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minift", description="LLM fine-tuning from scratch, in NumPy. "
+                                     "Each command has its own --help, with examples.",
+                                     epilog="examples:" + __doc__.split("\n", 1)[1].rstrip(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, help="BLAS threads for matrix products (default: the BLAS "
+                        "library's choice; 1 for the demo's tiny model)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    methods = DemoSettings().methods
+    p = _command(sub, "demo", f"pretrain a tiny model, fine-tune a copy with each of {len(methods)} methods "
+                 f"({', '.join(methods)}), compare what each learned and forgot", """
+minift demo                          the whole story, a few minutes
+minift demo --fast --out runs/quick  a few steps of each stage (seconds)
+minift demo --resume                 continue a demo stopped with Ctrl-C
+minift demo --overwrite              delete the run in --out and start again""", cmd_demo)
+    p.add_argument("--out", default="runs/demo", help="folder for every model, curve, table and picture")
+    p.add_argument("--fast", action="store_true", help="a few steps of each stage only (a smoke test)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out: finished stages are kept, "
+                   "the interrupted one goes on from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="delete the demo run already in --out and start again")
+
+    p = _command(sub, "train", "pretrain a tiny byte-level model on a text file", """
+minift train --data corpus.txt --out runs/tiny
+minift train --data corpus.txt --out runs/tiny --steps 500 --block-size 256""", cmd_train)
+    p.add_argument("--data", required=True, help="a UTF-8 text file to learn from")
+    p.add_argument("--block-size", type=int, default=128, help="tokens (bytes) per training sequence")
+    _add_training_flags(p)
+
+    p = _command(sub, "finetune", "fine-tune a saved or pretrained model on instruction JSONL", """
+minift finetune --model runs/tiny --method freeze --out runs/ft
+minift finetune --model smollm2 --method lora --steps 20 --lr 1e-3 --out runs/smol-lora
+minift finetune --model smollm2 --method qlora --data my.jsonl --eval-data held.jsonl --eval-every 10 --out runs/q""",
+                 cmd_finetune)
+    p.add_argument("--model", required=True, help="a model folder, a .gguf file, or smollm2")
+    p.add_argument("--data", default=str(bundled_path("insurer_train.jsonl")),
+                   help="instruction JSONL, one chat ({\"messages\": [...]}) or Alpaca record per line; the "
+                   "default is the bundled insurer set")
+    p.add_argument("--eval-data", help="held-out JSONL in the same format: its loss every --eval-every steps")
+    p.add_argument("--method", default="full", choices=METHODS, help="which weights train (docs/methods.md)")
+    p.add_argument("--layers", type=int, help="blocks to freeze from the bottom (freeze) or to train on top (last)")
+    p.add_argument("--lora-r", type=int, default=8, help="rank of the LoRA update B A (lora, qlora)")
+    p.add_argument("--lora-alpha", type=float, default=16, help="LoRA scale: the update is multiplied by alpha / r")
+    p.add_argument("--bottleneck", type=int, default=16, help="adapter width (method adapter)")
+    p.add_argument("--prefix-tokens", type=int, default=8, help="virtual tokens (method prefix)")
+    p.add_argument("--system", help="system prompt added to every example (default: the model's own, if any)")
+    p.add_argument("--save-merged", action="store_true",
+                   help="lora/qlora: also save the model with the adapter merged in, as a Hugging Face folder in --out")
+    _add_training_flags(p)
+
+    p = _command(sub, "export", "write a model (an adapter merged in) as a Hugging Face folder or a GGUF file", """
+minift export --model runs/ft --format hf --out exports/ft
+minift export --model smollm2 --adapter runs/q/adapter --format gguf --dtype q8_0 --out smol.gguf""", cmd_export)
+    p.add_argument("--model", required=True, help="a model folder, a .gguf file, or smollm2")
+    p.add_argument("--adapter", help="a PEFT LoRA adapter folder to merge into the model first")
+    p.add_argument("--adapter-base", choices=("nf4", "float"), help="merge into the dequantized NF4 base "
+                   "(QLoRA; default when the adapter records it) or the original float weights")
+    p.add_argument("--format", required=True, choices=tuple(FORMATS), help="hf: a folder transformers and vLLM "
+                   "load; gguf: one file llama.cpp loads")
+    p.add_argument("--out", required=True, help="the folder (hf) or .gguf file (gguf) to create")
+    p.add_argument("--dtype", help="; ".join(f"{fmt}: {', '.join(dtypes)}" for fmt, dtypes in FORMATS.items())
+                   + " (default f32)")
+
+    p = _command(sub, "generate", "continue a prompt (or answer it with --chat), printed as it is generated", """
+minift generate --model runs/demo/lora --chat "How do I file a claim?"
+minift generate --model smollm2 --chat --max-new-tokens 60 "What is a deductible?"
+minift generate --model smollm2 --temperature 0.8 --top-p 0.9 "Once upon a time\"""", cmd_generate)
+    p.add_argument("prompt", help="the text to continue (with --chat: the user's message)")
+    p.add_argument("--model", required=True, help="a model folder, a .gguf file, or smollm2")
+    p.add_argument("--chat", action="store_true", help="render the prompt with the model's chat template and "
+                   "stop at the end of the assistant's turn")
+    p.add_argument("--system", help="system prompt (with --chat)")
+    _add_sampling_flags(p, max_new_tokens=100)
+
+    p = _command(sub, "chat", "an interactive chat with a model, replies printed as they are generated", """
+minift chat --model smollm2
+minift chat --model runs/smol-lora --system "You answer for an insurer."
+  (in the chat: /reset forgets the conversation; Ctrl-C stops a reply; Ctrl-D or an empty line quits)""", cmd_chat)
+    p.add_argument("--model", required=True, help="a model folder, a .gguf file, or smollm2")
+    p.add_argument("--system", help="system prompt (default: the model's own, if its template has one)")
+    _add_sampling_flags(p, max_new_tokens=200)
+
+    p = _command(sub, "fetch", "download a pretrained model into the cache ($MINIFT_CACHE)", """
+minift fetch smollm2""", cmd_fetch)
+    p.add_argument("name", choices=["smollm2"], help="smollm2: SmolLM2-135M-Instruct as GGUF (98 MB)")
+
+    p = _command(sub, "forgetting", "general QA accuracy and perplexity before/after each method", """
+minift forgetting --model smollm2 --methods full,freeze,lora --steps 10 --out runs/forgetting
+minift forgetting --methods lora,qlora --lr 1e-3 --qa-questions 80""", cmd_forgetting)
+    p.add_argument("--model", default="smollm2", help="a model folder, a .gguf file, or smollm2")
+    p.add_argument("--methods", default="full,freeze,lora", help="comma-separated, from: " + ",".join(METHODS))
+    p.add_argument("--steps", type=int, default=10, help="fine-tuning steps per method")
+    p.add_argument("--batch-size", type=int, default=4, help="examples per step")
+    p.add_argument("--lr", type=float, help="one learning rate for all methods (default: per method)")
+    p.add_argument("--qa-questions", type=int, default=40, help="general QA questions asked")
+    p.add_argument("--ppl-blocks", type=int, default=16, help="128-token blocks of held-out text")
+    p.add_argument("--seed", type=int, default=0, help="seed of the batch order and new weights")
+    p.add_argument("--out", default="runs/forgetting", help="folder for forgetting.json and forgetting.png")
+
+    p = _command(sub, "eval", "loss and perplexity on a .txt or .jsonl file", """
+minift eval --model runs/tiny --data held_out.txt
+minift eval --model runs/smol-lora --data held_out.jsonl""", cmd_eval)
+    p.add_argument("--model", required=True, help="a model folder, a .gguf file, or smollm2")
+    p.add_argument("--data", required=True, help=".txt: plain text in blocks; .jsonl: instruction records "
+                   "(the loss counts the answers only)")
+    p.add_argument("--system", help="system prompt for .jsonl records (default: the model's own, if any)")
+    p.add_argument("--block-size", type=int, default=128, help="tokens per block of a .txt file")
+    p.add_argument("--batch-size", type=int, default=8, help="blocks or records per forward pass")
+
+    p = _command(sub, "serve", "serve a model and its LoRA adapters over HTTP (OpenAI-style completions)", """
+minift serve --model runs/tiny --adapter legal=runs/a/adapter --slots 4 --port 8000""", cmd_serve)
+    p.add_argument("--model", required=True, help="the base model: a folder, a .gguf file, or smollm2")
+    _add_serving_flags(p)
+    p.add_argument("--port", type=int, default=8000, help="port on 127.0.0.1 (0 picks a free one)")
+    p.add_argument("--batch-window-ms", type=float, default=15.0, help="wait this long to batch requests together")
+
+    p = _command(sub, "bench-serve", "tokens/s of concurrent multi-adapter requests to an in-process server", """
+minift bench-serve --requests 16 --adapters 4""", cmd_bench_serve)
+    p.add_argument("--model", help="default: a small random model with --adapters random adapters")
+    _add_serving_flags(p)
+    p.add_argument("--adapters", type=int, default=4, help="random adapters when no --model is given")
+    p.add_argument("--requests", type=int, default=16, help="concurrent requests sent")
+    p.add_argument("--max-tokens", type=int, default=16, help="tokens generated per request")
+
+    p = _command(sub, "kernels", "the CUDA kernels: 'check' runs each on every path against NumPy", """
+minift kernels check""", cmd_kernels)
+    p.add_argument("action", choices=["check"], help="check: each kernel against its NumPy reference")
+
+    p = _command(sub, "memory", "the memory ledger: bytes of weights, gradients, optimizer, activations", """
+minift memory --params 7e9
+minift memory --model runs/tiny --method qlora --batch 4 --seq 64""", cmd_memory)
+    p.add_argument("--params", type=float, help="project lecture 003's table to N parameters (e.g. 7e9)")
+    p.add_argument("--model", help="predict and measure one training step of this model")
+    p.add_argument("--method", default="lora", choices=LEDGER_METHODS, help="which weights train")
+    p.add_argument("--batch", type=int, default=1, help="sequences per step")
+    p.add_argument("--seq", type=int, help="tokens per row (default: 2048 with --params, 64 with --model)")
+    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (lora, qlora)")
+    return parser
+
+
 def resume_command(argv: list[str]) -> str:
-    """The command line that continues an interrupted run: the same one, with ``--resume``."""
-    words = ["minift", *argv] + ([] if "--resume" in argv else ["--resume"])
+    """The command line that continues an interrupted run: the same one, with ``--resume`` (and
+    without ``--overwrite``, which would delete what is to be continued)."""
+    words = ["minift", *(w for w in argv if w != "--overwrite")] + ([] if "--resume" in argv else ["--resume"])
     return " ".join(shlex.quote(w) for w in words)
 
 
@@ -430,6 +533,10 @@ def main(argv=None) -> int:
             args.func(args)
     except TrainingInterrupted as stop:
         print(f"\n{stop}. Continue with:\n  {resume_command(argv)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:  # Ctrl-C outside a training step: while loading, measuring, answering
+        then = f". Continue with:\n  {resume_command(argv)}" if hasattr(args, "resume") else ""
+        print(f"\nminift {args.command}: interrupted{then}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (TrainingError, FetchError, ValueError, FileNotFoundError, KeyError) as exc:
         print(f"minift {args.command}: error: {exc}", file=sys.stderr)

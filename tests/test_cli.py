@@ -108,3 +108,113 @@ def test_export_reports_bad_input_without_writing(pretrained, tmp_path, capsys):
     assert main([*base, "--format", "hf", "--adapter", str(tmp_path / "no_adapter")]) == 1
     assert "no_adapter: no such folder" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_every_flag_of_every_command_is_described_with_its_default_and_examples_below():
+    import argparse
+
+    from minift.cli import build_parser
+    from minift.studies.demo import DemoSettings
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, command in commands.items():
+        for action in command._actions:
+            assert action.help, f"minift {name} {action.option_strings or action.dest}: no help"
+        text = command.format_help()
+        assert "examples:\n  minift " + name in text, name
+        for action in command._actions:
+            if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+                assert f"(default: {action.default})" in " ".join(text.split()), (name, action.dest)
+    top = " ".join(parser.format_help().split())
+    assert f"each of {len(DemoSettings().methods)} methods" in top
+    assert all(method in top for method in DemoSettings().methods)
+
+
+def test_resume_command_drops_overwrite():
+    from minift.cli import resume_command
+
+    again = resume_command(["demo", "--overwrite", "--out", "runs/my demo"])
+    assert again == "minift demo --out 'runs/my demo' --resume"
+    assert resume_command(["finetune", "--resume", "--out", "x"]) == "minift finetune --resume --out x"
+
+
+def test_a_second_demo_into_the_same_folder_is_refused_and_names_resume(tmp_path, monkeypatch, capsys):
+    from minift import cli
+
+    (tmp_path / "demo_settings.json").write_text("{}")
+    assert cli.main(["demo", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "already holds a demo run" in err and "--resume" in err and "--overwrite" in err
+
+
+def test_generate_streams_the_reply_and_marks_one_cut_by_the_token_limit(pretrained, capsys):
+    from minift import load_pretrained
+    from minift.models.generate import generate
+
+    model, tok = load_pretrained(pretrained / "tiny")
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Hours?"}], add_generation_prompt=True)
+    expected = tok.decode(generate(model, [tok.encode(prompt)], 6, eos_id=tok.eos_id)[0], skip_special=True)
+    assert tok.eos_id not in generate(model, [tok.encode(prompt)], 6)[0]  # so the limit, not eos, ends the reply
+    assert main(["generate", "--model", str(pretrained / "tiny"), "--chat", "--max-new-tokens", "6", "Hours?"]) == 0
+    out, err = capsys.readouterr()
+    assert out == expected + " [max tokens]\n"
+    assert f"loading {pretrained / 'tiny'} ... loaded in " in err  # a status line while the model loads
+    # plain continuation: no marker, the limit is the only way it ends
+    assert main(["generate", "--model", str(pretrained / "tiny"), "--max-new-tokens", "4", "Claims"]) == 0
+    assert "[max tokens]" not in capsys.readouterr().out
+
+
+def test_chat_streams_replies_and_survives_ctrl_c_reset_and_ctrl_d(pretrained, monkeypatch, capsys):
+    from minift import cli
+
+    lines = iter(["Hours?", "What is paid first?", "/reset", "Hours?"])
+
+    def typed(prompt):
+        print(prompt, end="")
+        line = next(lines, None)
+        if line is None:
+            raise EOFError  # Ctrl-D
+        return line
+
+    real_stream, replies = cli.stream, []
+
+    def ctrl_c_in_the_second_reply(*args, **kwargs):
+        replies.append(1)
+        for i, token in enumerate(real_stream(*args, **kwargs)):
+            if len(replies) == 2 and i == 3:
+                raise KeyboardInterrupt
+            yield token
+
+    monkeypatch.setattr("builtins.input", typed)
+    monkeypatch.setattr(cli, "stream", ctrl_c_in_the_second_reply)
+    assert cli.main(["chat", "--model", str(pretrained / "tiny"), "--max-new-tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    turns = out.split("you> ")
+    assert turns[1].startswith("model> ") and turns[1].endswith(" [max tokens]\n")
+    assert turns[2].startswith("model> ") and turns[2].endswith(" [stopped]\n")  # the reply stopped ...
+    assert turns[3] == "history cleared: the next message starts a new conversation\n"  # ... the chat did not
+    assert turns[4].startswith("model> ") and turns[4].endswith(" [max tokens]\n")
+    assert turns[5] == "\n"  # Ctrl-D: the shell's prompt starts on a new line
+    assert turns[1] == turns[4]  # after /reset, the same question gets the same (greedy) answer
+
+
+def test_a_backend_that_cannot_run_is_one_line_without_traceback(tmp_path):
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    from minift.backend import cupy_available
+
+    if cupy_available():
+        pytest.skip("CuPy runs here: MINIFT_BACKEND=cupy is no error on this machine")
+    env = {**os.environ, "MINIFT_BACKEND": "cupy"}
+    run = subprocess.run([sys.executable, "-m", "minift", "--help"], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, check=False)
+    assert run.returncode == 1
+    assert "Traceback" not in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
+    assert run.stderr.startswith("minift: backend 'cupy' needs")
+    if importlib.util.find_spec("cupy") is None:
+        assert "pip install 'minift[gpu]'" in run.stderr and "unset MINIFT_BACKEND" in run.stderr

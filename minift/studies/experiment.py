@@ -51,6 +51,9 @@ class Recipe:
     seed: int = 0  # of the batch order
     progress: bool = True
     out_dir: Path | None = None  # metrics and curves of each method under out_dir/<method>; None: no files
+    eval_loader: DataLoader | None = None  # held-out examples: the eval line of each copy's curves
+    eval_every: int = 0  # steps between two evaluations on eval_loader (0: none)
+    resume: bool = False  # continue a copy from its checkpoint in out_dir/<method>, if it has one
 
     def loader(self, pad_id: int) -> DataLoader:
         """A new loader for each copy: a loader is a cursor, and every copy starts at the first batch."""
@@ -60,6 +63,7 @@ class Recipe:
         """The Trainer's settings for ``method``: only the learning rate and the folder depend on it."""
         return TrainConfig(max_steps=self.steps, lr=self.learning_rates[method], warmup_ratio=0.1,
                            schedule=self.schedule, seed=self.seed, progress=self.progress,
+                           eval_every=self.eval_every if self.eval_loader else 0,
                            out_dir=str(self.out_dir / method) if self.out_dir else None)
 
 
@@ -113,22 +117,92 @@ def finetune(base, tokenizer, method: str, recipe: Recipe) -> tuple[object, floa
     """A copy of ``base`` fine-tuned with ``method`` -> (model, seconds per training step).
 
     A deep copy, so that ``base`` stays the common start of every method, and can still be
-    measured and compared with afterwards."""
+    measured and compared with afterwards. With ``recipe.resume`` a copy whose run was
+    interrupted continues from its checkpoint: the same weights, optimizer and batch position,
+    so it ends as it would have without the interruption."""
     model, description = prepare_model(copy.deepcopy(base), method)
     print(description)
-    start = time.perf_counter()
-    Trainer(model, recipe.config(method), recipe.loader(tokenizer.pad_id)).train()
-    return model, (time.perf_counter() - start) / recipe.steps
+    trainer = Trainer(model, recipe.config(method), recipe.loader(tokenizer.pad_id), recipe.eval_loader)
+    if recipe.resume and trainer.resume():
+        print(f"resumed '{method}' from step {trainer.step}")
+    first_step, start = trainer.step, time.perf_counter()
+    trainer.train()
+    return model, (time.perf_counter() - start) / max(1, recipe.steps - first_step)
 
 
-def compare_methods(base, tokenizer, methods: Sequence[str], recipe: Recipe,
-                    yardsticks: Yardsticks) -> Iterator[tuple[str, object, dict, float]]:
+def compare_methods(base, tokenizer, methods: Sequence[str], recipe: Recipe, yardsticks: Yardsticks,
+                    measure_base: bool = True) -> Iterator[tuple[str, object, dict, float]]:
     """(name, model, numbers, seconds per step) for ``base`` ("pretrained"), then for a copy
     fine-tuned with each method; ``numbers`` are ``measure``'s and ``trainable_pct`` (0 for
     the base: nothing was trained). A generator, so that a study can look at each model (its
-    answers, its weight change) before the next copy is trained."""
-    yield "pretrained", base, {**measure(base, tokenizer, yardsticks), "trainable_pct": 0.0}, 0.0
+    answers, its weight change) before the next copy is trained. ``measure_base=False`` leaves
+    the base's row out (a resumed study that measured it before the interruption)."""
+    if measure_base:
+        yield "pretrained", base, {**measure(base, tokenizer, yardsticks), "trainable_pct": 0.0}, 0.0
     for method in methods:
         print(f"\nfine-tuning with '{method}' for {recipe.steps} steps")
         model, seconds = finetune(base, tokenizer, method, recipe)
         yield method, model, {**measure(model, tokenizer, yardsticks), "trainable_pct": trainable_pct(model)}, seconds
+
+
+def plot_comparison(rows: dict[str, dict], path: str | Path, title: str) -> Path:
+    """The comparison as one picture, rows as ``compare_methods``' numbers by name, the base
+    ("pretrained") first: what each method cost (share of parameters trained), what it learned
+    against what it forgot (both relative to the base), and the general facts it still knows."""
+    from matplotlib.figure import Figure  # noqa: PLC0415 - no pyplot: keeps the caller's backend
+
+    fig = Figure(figsize=(15, 4.6))
+    cost, trade, facts = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1, 1.4, 1]})
+    _plot_share_trained(cost, rows)
+    _plot_learned_vs_forgot(trade, rows)
+    _plot_facts(facts, rows)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return Path(path)
+
+
+def _plot_share_trained(ax, rows: dict[str, dict]) -> None:
+    """Horizontal bars on a log scale: a full run trains 100 %, LoRA a fraction of a percent."""
+    tuned = [name for name in rows if rows[name]["trainable_pct"] > 0]
+    bars = ax.barh(tuned, [rows[n]["trainable_pct"] for n in tuned], color="tab:purple")
+    ax.bar_label(bars, labels=[f"{rows[n]['trainable_pct']:.3g} %" for n in tuned], fontsize=8, padding=2)
+    ax.set_xscale("log")
+    ax.set_xlim(right=1000)  # room for the labels right of the 100 % bar
+    ax.invert_yaxis()
+    ax.set(title="share of parameters trained (cost)", xlabel="% of the model's parameters (log)")
+
+
+def _plot_learned_vs_forgot(ax, rows: dict[str, dict]) -> None:
+    """One point per model: right = learned the domain, up = forgot general English; the ideal
+    is bottom right, and the base sits at (0, 0). A marker and a legend entry per method, as
+    methods that train alike (LoRA, QLoRA) land on top of each other."""
+    base = next(iter(rows.values()))
+    for i, (name, r) in enumerate(rows.items()):
+        learned = base["domain_loss"] - r["domain_loss"]
+        forgot = 100 * (r["general_ppl"] / base["general_ppl"] - 1)
+        label = name if r is base else f"{name} ({r['trainable_pct']:.3g} % trained)"
+        ax.scatter(learned, forgot, s=90 - 8 * i, marker="osD^vPX*"[i % 8], color=f"C{i % 10}", alpha=0.8,
+                   label=label, zorder=3)
+    ax.axhline(0, color="tab:gray", linestyle="--", linewidth=1)
+    ax.axvline(0, color="tab:gray", linestyle="--", linewidth=1)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set(title="learned vs forgot (relative to the pretrained model)",
+           xlabel="learned: drop of the domain eval loss (nats/token)",
+           ylabel="forgot: rise of general-text perplexity (%)")
+
+
+def _plot_facts(ax, rows: dict[str, dict]) -> None:
+    """Cloze accuracy on general facts per model, each bar labelled (a 0 is a bar too)."""
+    names = list(rows)
+    values = [100 * rows[n]["qa_accuracy"] for n in names]
+    bars = ax.bar(names, values, color=["tab:gray"] + ["tab:green"] * (len(names) - 1))
+    ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.axhline(values[0], color="tab:gray", linestyle="--", linewidth=1)
+    ax.set_ylim(0, max(10.0, 1.25 * max(values)))
+    if max(values) < 5:
+        ax.text(0.5, 0.6, "almost no fact is known, before or after:\nthe model is too small to have\n"
+                "learned facts (expected in the demo;\nSmolLM2 knows some: minift forgetting)",
+                transform=ax.transAxes, ha="center", va="center", fontsize=9, color="tab:gray")
+    ax.set(title="general facts kept (cloze accuracy %)", ylabel="% of questions answered")
+    ax.tick_params(axis="x", rotation=45)

@@ -23,7 +23,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from minift.data import DataLoader
-from minift.studies.experiment import LEARNING_RATES, Recipe, Yardsticks, compare_methods, general_sets, insurer_sets
+from minift.studies.experiment import (
+    LEARNING_RATES,
+    Recipe,
+    Yardsticks,
+    compare_methods,
+    general_sets,
+    insurer_sets,
+    plot_comparison,
+)
 
 
 @dataclass
@@ -90,25 +98,12 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_forgetting(rows: list[dict], path: str | Path) -> Path:
-    """Three bar charts side by side: domain loss (learning), QA accuracy and perplexity (forgetting)."""
-    from matplotlib.figure import Figure  # noqa: PLC0415 - no pyplot: keeps the caller's backend
-
-    names = [r["method"] for r in rows]
-    panels = [("domain_loss", "insurer eval loss (lower = learned)"),
-              ("qa_accuracy", "general QA accuracy (higher = kept)"),
-              ("perplexity", "general-text perplexity (lower = kept)")]
-    fig = Figure(figsize=(13, 3.8))
-    axes = fig.subplots(1, 3)
-    for ax, (key, title) in zip(axes, panels):
-        bars = ax.bar(names, [r[key] for r in rows], color=["tab:gray"] + ["tab:blue"] * (len(rows) - 1))
-        ax.bar_label(bars, fmt="%.2f", fontsize=8)
-        ax.axhline(rows[0][key], color="tab:gray", linestyle="--", linewidth=1)
-        ax.set_title(title, fontsize=10)
-        ax.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return Path(path)
+def plot_forgetting(rows: list[dict], path: str | Path, run: str | None = None) -> Path:
+    """``plot_comparison`` of the rows: share of parameters trained, learned vs forgot, general
+    facts kept. ``run`` names the run in the title (default: the folder the PNG goes to)."""
+    numbers = {r["method"]: {**r, "general_ppl": r["perplexity"]} for r in rows}
+    run = run or Path(path).resolve().parent.name
+    return plot_comparison(numbers, path, f"forgetting study '{run}': {', '.join(list(numbers)[1:])}")
 
 
 def run_forgetting(model, tokenizer, settings: ForgettingSettings, out_dir: str | Path) -> list[dict]:

@@ -36,13 +36,13 @@ def test_generate_chat_answers_paris(smollm2_gguf, capsys):
 def test_chat_loop_answers_keeps_history_and_forgets_on_reset(smollm2_gguf, capsys, monkeypatch):
     lines = iter([QUESTION, "And of Italy?", "/reset", "Hi", ""])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
-    prompts, complete = [], cli._complete
+    prompts, reply = [], cli._reply
 
     def recording(model, tok, text, *args, **kwargs):
         prompts.append(text)
-        return complete(model, tok, text, *args, **kwargs)
+        return reply(model, tok, text, *args, **kwargs)
 
-    monkeypatch.setattr(cli, "_complete", recording)
+    monkeypatch.setattr(cli, "_reply", recording)
     assert main(["chat", "--model", str(smollm2_gguf), "--max-new-tokens", "20"]) == 0
     replies = [line for line in capsys.readouterr().out.splitlines() if line.startswith("model> ")]
     assert len(replies) == 3 and "Paris" in replies[0]

@@ -56,17 +56,21 @@ def test_saving_a_plot_keeps_the_callers_matplotlib_backend(tmp_path):
     import numpy as np
 
     from minift.data import DataLoader, TextDataset
-    from minift.studies.demo import plot_results, plot_spectra
+    from minift.studies.demo import plot_spectra
+    from minift.studies.experiment import plot_comparison
     from minift.studies.forgetting import plot_forgetting
     from minift.training import TrainConfig, Trainer
 
     before = matplotlib.get_backend()
     matplotlib.use("template")  # any backend other than Agg (a notebook has its inline one)
     try:
-        row = {"method": "pretrained", "domain_loss": 3.0, "qa_accuracy": 0.5, "perplexity": 20.0}
-        plot_forgetting([row, {**row, "method": "full"}], tmp_path / "forgetting.png")
-        plot_results({"full": {"domain_loss": 2.0, "general_ppl": 9.0, "qa_accuracy": 0.4}}, tmp_path / "results.png")
-        plot_spectra([{"singular_values": np.array([3.0, 2.0, 1.0])}], tmp_path / "spectra.png")
+        row = {"method": "pretrained", "domain_loss": 3.0, "qa_accuracy": 0.5, "perplexity": 20.0, "trainable_pct": 0}
+        plot_forgetting([row, {**row, "method": "full", "trainable_pct": 100}], tmp_path / "forgetting.png")
+        numbers = {"domain_loss": 2.0, "general_ppl": 9.0, "qa_accuracy": 0.4, "trainable_pct": 0}
+        plot_comparison({"pretrained": numbers, "lora": {**numbers, "trainable_pct": 1.0}}, tmp_path / "results.png",
+                        "a title")
+        plot_spectra([{"name": "layers.0.self_attn.q_proj.weight", "singular_values": np.array([3.0, 2.0, 1.0])}],
+                     tmp_path / "spectra.png")
         text = TextDataset("minift keeps the backend. " * 8, TOK, 16)
         Trainer(tiny(), TrainConfig(max_steps=1, progress=False, plot=False),
                 DataLoader(text, 2, pad_id=TOK.pad_id)).plot(tmp_path / "curves.png")
