@@ -1,4 +1,4 @@
-"""The ``minift`` command: demo, train, finetune, generate, eval, export.
+"""The ``minift`` command: demo, train, finetune, dpo, generate, eval, export.
 
     minift demo                                   the whole story on bundled data (minutes)
     minift train --data corpus.txt --out runs/tiny            pretrain a tiny model from scratch
@@ -10,6 +10,7 @@
     minift chat --model smollm2                   talk to it; --model also takes a .gguf or a folder
     minift finetune --model smollm2 --method lora --steps 20 --lr 1e-3 --out runs/smol-lora
     minift forgetting --model smollm2 --methods full,freeze,lora --steps 10 --out runs/forgetting
+    minift dpo --model smollm2 --out runs/smol-dpo   preference tuning (DPO) on the bundled insurer pairs
 
     minift serve --model runs/tiny --adapter legal=runs/a/adapter --slots 4 --port 8000   multi-LoRA HTTP
     minift bench-serve --requests 16 --adapters 4          tokens/s of concurrent multi-adapter requests
@@ -25,6 +26,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import shlex
 import sys
 import textwrap
@@ -41,6 +43,7 @@ except RuntimeError as exc:  # minift.backend.BackendUnavailableError, which nev
 
 from minift.allocator import keep_freed_memory
 from minift.data import ByteTokenizer, DataLoader, InstructionDataset, TextDataset, bundled_path
+from minift.data.preference import PreferenceDataset, collate_pairs
 from minift.io import save_model
 from minift.io.hub import FetchError
 from minift.models.generate import TextStream, stream
@@ -49,9 +52,17 @@ from minift.peft import PeftModel
 from minift.studies.demo import DemoSettings, run_demo, tiny_config
 from minift.studies.memory import LEDGER_METHODS
 from minift.training import TrainConfig, Trainer, TrainingError, TrainingInterrupted, evaluate_loss, perplexity
+from minift.training.checkpoint import discard_run, holds_run
+from minift.training.dpo import LOSS_TYPES, DPOTrainer
 from minift.training.export import FORMATS, export_model, format_drift
 from minift.training.methods import METHODS, MethodOptions, prepare_model
-from minift.training.pretrained import base_model_reference, load_pretrained, save_pretrained
+from minift.training.pretrained import (
+    adapter_base_name,
+    adapter_of,
+    base_model_reference,
+    load_pretrained,
+    save_pretrained,
+)
 
 
 def _system_prompt(args, tok):
@@ -67,9 +78,18 @@ def _train_config(args, out: Path) -> TrainConfig:
                        save_every=args.save_every, out_dir=str(out), seed=args.seed)
 
 
-def _run(trainer: Trainer, resume: bool) -> None:
-    if resume and trainer.resume():
+def _run(trainer: Trainer, args) -> None:
+    """Train in --out: continue its run with --resume, replace it with --overwrite; a new run never
+    silently mixes its checkpoints and metrics with an older one."""
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in --out, --overwrite deletes it; give one of them")
+    if args.resume and trainer.resume():
         print(f"resumed from step {trainer.step}")
+    elif holds_run(trainer.out_dir) and not args.resume:
+        if not args.overwrite:
+            raise ValueError(f"{trainer.out_dir} already holds a training run (checkpoints, metrics.jsonl). "
+                             f"Continue it with --resume, replace it with --overwrite, or choose another --out")
+        discard_run(trainer.out_dir)
     trainer.train()
 
 
@@ -106,7 +126,7 @@ def cmd_train(args) -> None:
 
     model = LlamaForCausalLM(tiny_config(tok.vocab_size), seed=args.seed)
     print(trainable_report(model))
-    _run(Trainer(model, _train_config(args, Path(args.out)), loader), args.resume)
+    _run(Trainer(model, _train_config(args, Path(args.out)), loader), args)
     save_model(model, args.out)
     print(f"model saved to {args.out}")
 
@@ -125,10 +145,17 @@ def cmd_finetune(args) -> None:
     if args.eval_data:
         eval_set = InstructionDataset(args.eval_data, tok, model.config.max_seq_len, system_prompt=system)
         eval_loader = DataLoader(eval_set, args.batch_size, shuffle=False, pad_id=tok.pad_id)
-    _run(Trainer(model, _train_config(args, Path(args.out)), loader, eval_loader), args.resume)
+    _run(Trainer(model, _train_config(args, Path(args.out)), loader, eval_loader), args)
+    _save_trained(model, tok, args, options)
+
+
+def _save_trained(model, tok, args, options: MethodOptions) -> None:
+    """What a finished run leaves in --out: a LoRA run its PEFT adapter in ``adapter/`` (and with
+    --save-merged the merged model too), any other run the whole model."""
     if isinstance(model, PeftModel):
         # the base is named as PEFT needs it (hub id or absolute path), so the adapter folder stands alone
-        model.peft_config[model.active_adapter].base_model_name_or_path = base_model_reference(args.model)
+        model.peft_config[model.active_adapter].base_model_name_or_path = base_model_reference(
+            adapter_base_name(adapter_of(args.model)) if adapter_of(args.model) else args.model)
         model.save_pretrained(Path(args.out) / "adapter")
         print(f"LoRA adapter saved in PEFT format to {Path(args.out) / 'adapter'} (base: {args.model})")
         if not args.save_merged:
@@ -138,6 +165,58 @@ def cmd_finetune(args) -> None:
     surgery = {"method": args.method, **asdict(options)} if args.method in ("adapter", "prefix") else None
     save_pretrained(model, tok, args.out, surgery=surgery)
     print(f"model saved to {args.out}" + ("" if surgery else " as a Hugging Face folder"))
+
+
+BUNDLED_PREFERENCES = ("insurer_preferences_train.jsonl", "insurer_preferences_eval.jsonl")
+
+#: What the reference of a DPO run is, in a sentence (``minift.training.dpo.choose_reference``).
+REFERENCE_NOTES = {
+    "disabled_adapter": "the starting model = this network with its fresh adapter switched off (no copy)",
+    "precomputed": "the starting model's log-probabilities of every pair, computed once before step 1",
+}
+
+
+def cmd_dpo(args) -> None:
+    model, tok = _load(args.model)
+    system = _system_prompt(args, tok)
+    options = MethodOptions(lora_r=args.lora_r, lora_alpha=args.lora_alpha, seed=args.seed)
+    if isinstance(model, PeftModel):  # a LoRA run or adapter folder: DPO after SFT trains that adapter on
+        if args.method != "lora":
+            raise ValueError(f"{args.model} is a LoRA adapter: continue it with --method lora, or merge it into "
+                             f"its base first (minift export) for --method {args.method}")
+        print(f"training the adapter of {args.model} further")
+    else:
+        model, description = prepare_model(model, args.method, options)
+        print(description)
+    print(trainable_report(model))
+    data, eval_data = args.data, args.eval_data
+    if data is None:
+        data, eval_data = bundled_path(BUNDLED_PREFERENCES[0]), eval_data or bundled_path(BUNDLED_PREFERENCES[1])
+    loader, eval_loader = (
+        DataLoader(PreferenceDataset(path, tok, model.config.max_seq_len, system_prompt=system), args.batch_size,
+                   shuffle=shuffle, seed=args.seed, pad_id=tok.pad_id, collate_fn=collate_pairs) if path else None
+        for path, shuffle in ((data, True), (eval_data, False)))
+    trainer = DPOTrainer(model, _train_config(args, Path(args.out)), loader, eval_loader, beta=args.beta,
+                         loss_type=args.loss_type)
+    print(f"reference: {REFERENCE_NOTES[trainer.reference]}")
+    _run(trainer, args)
+    if eval_loader is not None:
+        _report_preferences(trainer)
+    _save_trained(model, tok, args, options)
+
+
+def _report_preferences(trainer) -> None:
+    """The held-out pairs after training, and the warning sign of over-optimization."""
+    loss = trainer.evaluate()
+    m = trainer.eval_metrics
+    print(f"held-out pairs: loss {loss:.4f} (ln 2 = 0.6931 at the start), reward accuracy "
+          f"{m['eval_rewards/accuracies']:.2f}, margin {m['eval_rewards/margins']:+.3f}, "
+          f"chosen {m['eval_rewards/chosen']:+.3f}, rejected {m['eval_rewards/rejected']:+.3f}")
+    if m["eval_rewards/chosen"] < 0:
+        print("note: the chosen answers became less likely than at the start (negative chosen reward); "
+              "if it keeps falling the model is drifting from every answer (docs/preference.md, collapse): "
+              "fewer steps, a lower --lr or a larger --beta")
+    print(f"rewards and accuracy over the steps: {Path(trainer.out_dir) / 'rewards.png'}")
 
 
 def cmd_export(args) -> None:
@@ -333,6 +412,8 @@ def _add_training_flags(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the initialization and the batch order")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out "
                    "(after Ctrl-C: the same command with --resume)")
+    p.add_argument("--overwrite", action="store_true", help="delete the training run already in --out "
+                   "(checkpoints, metrics, plots) and start again")
 
 
 def _add_sampling_flags(p, max_new_tokens: int) -> None:
@@ -411,7 +492,7 @@ minift finetune --model smollm2 --method qlora --data my.jsonl --eval-data held.
                    help="instruction JSONL, one chat ({\"messages\": [...]}) or Alpaca record per line; the "
                    "default is the bundled insurer set")
     p.add_argument("--eval-data", help="held-out JSONL in the same format: its loss every --eval-every steps")
-    p.add_argument("--method", default="full", choices=METHODS, help="which weights train (docs/methods.md)")
+    p.add_argument("--method", default="full", choices=METHODS, help="which weights train (docs/training.md)")
     p.add_argument("--layers", type=int, help="blocks to freeze from the bottom (freeze) or to train on top (last)")
     p.add_argument("--lora-r", type=int, default=8, help="rank of the LoRA update B A (lora, qlora)")
     p.add_argument("--lora-alpha", type=float, default=16, help="LoRA scale: the update is multiplied by alpha / r")
@@ -421,6 +502,30 @@ minift finetune --model smollm2 --method qlora --data my.jsonl --eval-data held.
     p.add_argument("--save-merged", action="store_true",
                    help="lora/qlora: also save the model with the adapter merged in, as a Hugging Face folder in --out")
     _add_training_flags(p)
+
+    p = _command(sub, "dpo", "preference-tune a model on chosen/rejected pairs (DPO or IPO), after SFT", """
+minift dpo --model smollm2 --out runs/smol-dpo
+minift dpo --model runs/smol-lora --out runs/smol-lora-dpo       DPO after a LoRA SFT run: its adapter trains on
+minift dpo --model smollm2 --data pairs.jsonl --method full --lr 1e-5 --beta 0.2 --out runs/mine""", cmd_dpo)
+    p.add_argument("--model", required=True, help="a model folder, a LoRA run or adapter folder, a .gguf file, "
+                   "or smollm2")
+    p.add_argument("--data", help="preference JSONL, one {\"prompt\", \"chosen\", \"rejected\"} per line (TRL's "
+                   "shape) (default: the bundled insurer pairs)")
+    p.add_argument("--eval-data", help="held-out pairs in the same format (default with the bundled data: its "
+                   "held-out pairs)")
+    p.add_argument("--method", default="lora", choices=("lora", "full"), help="lora: the reference is the "
+                   "adapter switched off; full: every weight trains, the reference is precomputed")
+    p.add_argument("--beta", type=float, default=0.1, help="strength of the pull toward the reference: small "
+                   "lets the policy drift further (docs/preference.md)")
+    p.add_argument("--loss-type", default="sigmoid", choices=LOSS_TYPES, help="sigmoid: DPO's -log sigmoid; "
+                   "ipo: the squared per-token margin toward 1/(2 beta)")
+    p.add_argument("--lora-r", type=int, default=8, help="rank of a new LoRA adapter")
+    p.add_argument("--lora-alpha", type=float, default=16, help="LoRA scale: the update is multiplied by alpha / r")
+    p.add_argument("--system", help="system prompt added to every prompt (default: the model's own, if any)")
+    p.add_argument("--save-merged", action="store_true",
+                   help="lora: also save the model with the adapter merged in, as a Hugging Face folder in --out")
+    _add_training_flags(p)
+    p.set_defaults(steps=30, lr=5e-4, batch_size=4, warmup_ratio=0.1, eval_every=10, save_every=10)
 
     p = _command(sub, "export", "write a model (an adapter merged in) as a Hugging Face folder or a GGUF file", """
 minift export --model runs/ft --format hf --out exports/ft
@@ -541,7 +646,18 @@ def main(argv=None) -> int:
     except (TrainingError, FetchError, ValueError, FileNotFoundError, KeyError) as exc:
         print(f"minift {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a full disk, a folder without write permission: the system's words, and the file
+        print(f"minift {args.command}: error: {os_error_message(exc)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def os_error_message(exc: OSError) -> str:
+    """What failed, on which file, and what to do; saves are atomic, so nothing older was lost."""
+    where = f" while writing {exc.filename}" if exc.filename else ""
+    advice = {errno.ENOSPC: "free some disk space or write elsewhere (--out)",
+              errno.EACCES: "choose a folder you may write to (--out)"}.get(exc.errno, "check the path and retry")
+    return f"{exc.strerror or exc}{where}; {advice}. Files saved before are intact (every save is atomic)"
 
 
 if __name__ == "__main__":

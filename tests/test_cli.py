@@ -1,6 +1,9 @@
 """The ``minift`` command end to end on tiny settings: train -> finetune (each method) -> generate/eval."""
 
+import errno
 import json
+import math
+from pathlib import Path
 
 import pytest
 
@@ -218,3 +221,67 @@ def test_a_backend_that_cannot_run_is_one_line_without_traceback(tmp_path):
     assert run.stderr.startswith("minift: backend 'cupy' needs")
     if importlib.util.find_spec("cupy") is None:
         assert "pip install 'minift[gpu]'" in run.stderr and "unset MINIFT_BACKEND" in run.stderr
+
+
+def first_metrics_row(folder):
+    return json.loads((folder / "metrics.jsonl").read_text().splitlines()[0])
+
+
+def test_dpo_on_the_bundled_pairs_then_dpo_after_that_lora_run(pretrained, capsys):
+    out = pretrained / "dpo"
+    code = main(["--threads", "1", "dpo", "--model", str(pretrained / "tiny"), "--out", str(out), "--steps", "2",
+                 "--eval-every", "2", "--batch-size", "2"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "adapter switched off" in printed and "held-out pairs: loss" in printed
+    row = first_metrics_row(out)
+    assert row["step"] == 1 and abs(row["loss"] - math.log(2)) < 1e-6 and row["rewards/margins"] == 0.0
+    assert (out / "rewards.png").is_file() and (out / "adapter" / "adapter_config.json").is_file()
+    base = json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(base) == (pretrained / "tiny").resolve()
+
+    # DPO after a LoRA run: its trained adapter is the starting policy, so the reference is precomputed
+    pairs = pretrained / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": r["instruction"], "chosen": r["output"], "rejected": "No idea."})
+                             + "\n" for r in RECORDS[:2]))
+    again = pretrained / "dpo-again"
+    assert main(["--threads", "1", "dpo", "--model", str(out), "--data", str(pairs), "--out", str(again),
+                 "--steps", "1", "--batch-size", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "training the adapter of" in printed and "computed once before step 1" in printed
+    assert abs(first_metrics_row(again)["loss"] - math.log(2)) < 1e-5
+    base = json.loads((again / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(base) == (pretrained / "tiny").resolve()  # the real base, not the run folder
+
+
+def test_dpo_reports_a_bad_pair_with_file_and_line(pretrained, tmp_path, capsys):
+    bad = tmp_path / "pairs.jsonl"
+    bad.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": "a"}\n')
+    assert main(["dpo", "--model", str(pretrained / "tiny"), "--data", str(bad), "--out", str(tmp_path / "o")]) == 1
+    assert f"{bad}:2: missing field 'rejected'" in capsys.readouterr().err
+
+
+def test_a_full_disk_is_one_clear_line_naming_the_file(monkeypatch, capsys):
+    from minift import cli
+
+    def disk_full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "runs/x/model.safetensors")
+
+    monkeypatch.setattr(cli, "cmd_train", disk_full)
+    assert cli.main(["train", "--data", "c.txt", "--out", "runs/x"]) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device while writing runs/x/model.safetensors; free some disk space" in err
+    assert "Traceback" not in err
+
+
+def test_a_second_run_into_the_same_out_is_refused_and_overwrite_replaces_it(pretrained, tmp_path, capsys):
+    run = ["--threads", "1", "finetune", "--model", str(pretrained / "tiny"), "--data", str(pretrained / "qa.jsonl"),
+           "--out", str(tmp_path / "ft"), "--batch-size", "2"]
+    assert main([*run, "--steps", "3"]) == 0
+    assert main([*run, "--steps", "2"]) == 1
+    assert "already holds a training run" in capsys.readouterr().err and (tmp_path / "ft" / "step-000003").is_dir()
+    assert main([*run, "--steps", "2", "--overwrite", "--resume"]) == 1
+    assert main([*run, "--steps", "2", "--overwrite"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]  # the old run's rows are gone, not mixed in
+    assert not (tmp_path / "ft" / "step-000003").exists()
