@@ -21,7 +21,6 @@ complete, so an interrupted export never leaves a half-written ``.gguf`` behind.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy
@@ -39,6 +38,7 @@ from minift.io.gguf import (
     permute_rope_rows,
 )
 from minift.io.model_dir import byte_tokenizer_as_bpe
+from minift.io.safetensors import temp_file_beside
 
 #: ``tokenizer.ggml.token_type`` of an ordinary token (llama.cpp ``LLAMA_TOKEN_TYPE_NORMAL``).
 NORMAL_TOKEN = 1
@@ -256,9 +256,8 @@ def write_gguf(model, tokenizer, path: str | Path, *, dtype: str = "f32") -> Pat
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; give the .gguf file's path")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_file_beside(path)  # permissions as for any new file (umask), not mkstemp's 0600
     os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private (0600); a model file is for other programs to read
     try:
         writer = _writer_class(gguf)(tmp, "llama")
         _add_metadata(writer, model.config, vocab, dtype)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 import numpy
@@ -35,12 +35,27 @@ class SafetensorsError(ValueError):
     """The file is not a valid safetensors file (the message says what is wrong)."""
 
 
+def temp_file_beside(path: Path) -> tuple[int, Path]:
+    """(descriptor, path) of a new empty file next to ``path``, to be renamed over it.
+
+    Created with mode 0666 less the umask, as ``open(path, "w")`` would: ``tempfile.mkstemp``
+    makes 0600 files, which would leave every saved model readable by its owner alone while
+    everything else in the folder follows the umask."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path.parent}: could not create a temporary file next to {path.name}")
+
+
 def atomic_write_bytes(path: str | os.PathLike, chunks) -> None:
     """Write the byte ``chunks`` to ``path`` so that readers see the old file or the new one,
     never half of one: temp file, fsync, rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_file_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             for chunk in chunks:

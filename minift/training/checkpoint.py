@@ -152,6 +152,26 @@ def prune_checkpoints(out_dir: str | Path, keep: list[Path]) -> None:
             _discard(folder)
 
 
+#: What a training run writes into its folder beside the checkpoints.
+RUN_FILES = ("latest", "metrics.jsonl", "curves.png", "rewards.png")
+
+
+def holds_run(out_dir: str | Path) -> bool:
+    """True when ``out_dir`` already holds a training run (a checkpoint or its metrics)."""
+    out_dir = Path(out_dir)
+    return any((out_dir / name).exists() for name in RUN_FILES[:2]) or bool(checkpoint_folders(out_dir))
+
+
+def discard_run(out_dir: str | Path) -> None:
+    """Delete the training run in ``out_dir`` (checkpoints, ``latest``, metrics, plots) and
+    nothing else: ``latest`` goes first, so a kill midway leaves no checkpoint that looks current."""
+    set_latest(out_dir, None)
+    prune_checkpoints(out_dir, keep=[])
+    remove_orphans(out_dir)
+    for name in RUN_FILES[1:]:
+        (Path(out_dir) / name).unlink(missing_ok=True)
+
+
 # ---- save and load --------------------------------------------------------------------------
 
 

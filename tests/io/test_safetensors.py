@@ -1,4 +1,6 @@
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -142,3 +144,16 @@ def test_non_finite_values_are_refused_unless_allowed(tmp_path, bad):
 def test_a_folder_in_place_of_the_file_is_named(tmp_path):
     with pytest.raises(ValueError, match="is a folder, but a safetensors file is a file"):
         load_file(tmp_path)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_a_saved_file_gets_the_permissions_of_any_new_file_not_mkstemps_private_ones(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        save_file({"w": np.ones(3, np.float32)}, tmp_path / "m.safetensors")
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m.safetensors").stat().st_mode) == 0o666 & ~umask
+    plain = stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode)
+    assert stat.S_IMODE((tmp_path / "m.safetensors").stat().st_mode) == plain
