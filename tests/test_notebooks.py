@@ -58,7 +58,8 @@ def kernel_env(tmp_path, monkeypatch):
 def test_the_course_has_its_notebooks():
     names = [p.stem for p in NOTEBOOKS]
     assert names == ["01_autograd", "02_transformer", "03_full_finetuning", "04_freezing_and_probes", "05_lora",
-                     "06_nf4_and_qlora", "07_cuda_kernels", "08_multi_lora_serving", "09_forgetting"], names
+                     "06_nf4_and_qlora", "07_cuda_kernels", "08_multi_lora_serving", "09_forgetting",
+                     "10_preference_tuning"], names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
