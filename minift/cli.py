@@ -337,9 +337,10 @@ def cmd_serve(args) -> None:
 
     model, tok = _load(args.model)
     engine = build_engine(model, parse_adapter_specs(args.adapter), args.slots, args.max_batch, tok.eos_id)
-    server = CompletionServer(engine, tok, port=args.port, window_ms=args.batch_window_ms, verbose=True)
+    server = CompletionServer(engine, tok, port=args.port, window_ms=args.batch_window_ms, verbose=True,
+                              host=args.host, socket_timeout_s=args.socket_timeout)
     print(f"serving models {['base'] + [f'base:{n}' for n in engine.library.names()]} at "
-          f"{server.url}/v1/completions (Ctrl-C stops)")
+          f"{server.url}/v1/completions and /v1/chat/completions (Ctrl-C stops)")
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -586,11 +587,17 @@ minift eval --model runs/smol-lora --data held_out.jsonl""", cmd_eval)
     p.add_argument("--block-size", type=int, default=128, help="tokens per block of a .txt file")
     p.add_argument("--batch-size", type=int, default=8, help="blocks or records per forward pass")
 
-    p = _command(sub, "serve", "serve a model and its LoRA adapters over HTTP (OpenAI-style completions)", """
-minift serve --model runs/tiny --adapter legal=runs/a/adapter --slots 4 --port 8000""", cmd_serve)
+    p = _command(sub, "serve", "serve a model and its LoRA adapters over HTTP (OpenAI-compatible completions "
+                 "and chat, streamed or not)", """
+minift serve --model runs/tiny --adapter legal=runs/a/adapter --slots 4 --port 8000
+minift serve --model smollm2 --host 0.0.0.0 --port 8000    (reachable from other machines)""", cmd_serve)
     p.add_argument("--model", required=True, help="the base model: a folder, a .gguf file, or smollm2")
     _add_serving_flags(p)
-    p.add_argument("--port", type=int, default=8000, help="port on 127.0.0.1 (0 picks a free one)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface; "
+                   "the server has no authentication)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (0 picks a free one)")
+    p.add_argument("--socket-timeout", type=float, default=30.0,
+                   help="seconds a connection may stay silent (a half-sent body, an idle keep-alive)")
     p.add_argument("--batch-window-ms", type=float, default=15.0, help="wait this long to batch requests together")
 
     p = _command(sub, "bench-serve", "tokens/s of concurrent multi-adapter requests to an in-process server", """

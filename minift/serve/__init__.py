@@ -2,7 +2,8 @@
 
 Reading order: ``multi_lora.py`` (the gathered per-row delta), ``library.py`` (loading and
 checking adapters), ``slots.py`` (the device-slot cache, LRU), ``engine.py`` (batched generation
-with left padding and per-row caches), ``server.py`` (the OpenAI-shaped HTTP endpoint).
+with left padding and per-row caches), ``server.py`` (the OpenAI-compatible HTTP endpoints:
+completions and chat, streamed or not).
 """
 
 from minift.serve.engine import Completion, Request, ServingEngine, build_engine, plan_batches

@@ -12,15 +12,23 @@ One batch, step by step:
 3. Prefill the batched ``KVCache`` (row b of the cache is request b's cache), then decode one
    token per row per step. Each row samples with its own temperature, top-p and seeded
    generator, so its text does not depend on which other requests share the batch.
-4. A row that emits eos or reaches its own ``max_tokens`` leaves the batch: its cache row, mask
-   row and slot index are dropped, and later steps cost only the rows still running.
+4. A row that emits eos, reaches its own ``max_tokens``, or is ended by its request's
+   ``on_token`` (a stop string, a client gone) leaves the batch: its cache row, mask row and
+   slot index are dropped, and later steps cost only the rows still running.
+5. A row that fails (non-finite logits from an overflowing adapter, a sampling or callback
+   error) ends alone with ``finish_reason="error"``; the other rows go on. If the batched
+   forward itself fails, no row can be blamed and every live row ends; ``generate`` then runs
+   each failed row that had produced no token yet again alone, so a request that breaks the
+   forward fails by itself.
 
 Batches that cannot run together are split by ``plan_batches`` (the stated policy below).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy
 
@@ -35,7 +43,12 @@ from minift.serve.slots import AdapterSlots
 
 @dataclass
 class Request:
-    """One completion request in token ids; ``adapter=None`` runs the base model."""
+    """One completion request in token ids; ``adapter=None`` runs the base model.
+
+    ``on_token(token) -> bool`` is called (on the generating thread) with each new token as it
+    is chosen, which is what lets a server stream; returning True ends the row there with
+    ``finish_reason="stop"``.
+    """
 
     prompt: list[int]
     adapter: str | None = None
@@ -43,6 +56,7 @@ class Request:
     temperature: float = 0.0
     top_p: float | None = None
     seed: int = 0
+    on_token: Callable[[int], bool] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -50,9 +64,10 @@ class Completion:
     """The new tokens of one request; ``logits`` (n_tokens, V) only when asked for (tests)."""
 
     tokens: list[int]
-    finish_reason: str  # "stop": emitted eos; "length": reached max_tokens
+    finish_reason: str  # "stop": eos or on_token said so; "length": max_tokens; "error": see error
     prompt_tokens: int
     logits: numpy.ndarray | None = None
+    error: str | None = None  # why the row failed, when finish_reason is "error"
 
 
 def plan_batches(requests: list[Request], n_slots: int, max_batch: int, context: int) -> list[list[int]]:
@@ -104,6 +119,9 @@ def left_pad(prompts: list[list[int]]):
     return ids, mask, positions
 
 
+MAX_RECORDED = 1000  # a server runs for weeks: its statistics must not grow without end
+
+
 class ServingEngine:
     """A base model, a library of adapters, device slots for them, and batched generation.
 
@@ -121,7 +139,7 @@ class ServingEngine:
         self.layers = add_multi_lora(model, library.target_modules())
         self.slots = AdapterSlots(library, self.layers, n_slots, max_rank)
         self.max_batch, self.eos_id = max_batch, eos_id
-        self.batch_sizes: list[int] = []  # rows of every batch run, in order (reports, tests)
+        self.batch_sizes: list[int] = []  # rows of the last MAX_RECORDED batches, in order (stats, tests)
 
     @property
     def context(self) -> int:
@@ -142,9 +160,9 @@ class ServingEngine:
         if len(r.prompt) + r.max_tokens > self.context:
             raise ValueError(f"the prompt has {len(r.prompt)} tokens and max_tokens is {r.max_tokens}: "
                              f"together more than the context of {self.context} tokens")
-        if r.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {r.temperature}")
-        if r.top_p is not None and not 0 < r.top_p <= 1:
+        if not math.isfinite(r.temperature) or r.temperature < 0:  # NaN < 0 is False: test it apart
+            raise ValueError(f"temperature must be a finite number >= 0, got {r.temperature}")
+        if r.top_p is not None and not 0 < r.top_p <= 1:  # False for NaN, so NaN is refused
             raise ValueError(f"top_p must be in (0, 1], got {r.top_p}")
         if not isinstance(r.seed, int) or r.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {r.seed!r}")
@@ -156,12 +174,15 @@ class ServingEngine:
         results: list[Completion | None] = [None] * len(requests)
         for batch in plan_batches(requests, self.slots.n_slots, self.max_batch, self.context):
             for i, completion in zip(batch, self._run_batch([requests[i] for i in batch], record_logits)):
-                results[i] = completion
+                failed_at_once = completion.finish_reason == "error" and not completion.tokens
+                results[i] = (self._run_batch([requests[i]], record_logits)[0]  # alone: blame it alone
+                              if failed_at_once and len(batch) > 1 else completion)
         return results
 
     def _run_batch(self, requests: list[Request], record_logits: bool) -> list[Completion]:
         slot_idx = numpy.asarray(self.slots.acquire([r.adapter for r in requests]))
         self.batch_sizes.append(len(requests))
+        del self.batch_sizes[:-MAX_RECORDED]
         batch = _Batch(requests, self.model, record_logits)
         try:
             with no_grad():
@@ -170,6 +191,8 @@ class ServingEngine:
                     logits = self.model(batch.ids, cache=batch.cache, attention_mask=batch.mask,
                                         positions=batch.positions, last_only=True)
                     batch.advance(to_numpy(logits.data[:, -1]), self.eos_id)  # (b, V)
+        except Exception as exc:  # the batched forward failed: every live row ends; generate() retries
+            batch.fail_live(f"the batched forward failed: {type(exc).__name__}: {exc}")
         finally:
             set_batch_slots(self.layers.values(), None)
         return batch.completions()
@@ -196,21 +219,17 @@ class _Batch:
         self.tokens: list[list[int]] = [[] for _ in requests]
         self.logits: list[list] = [[] for _ in requests]
         self.finish: list[str | None] = [None] * len(requests)
+        self.errors: list[str | None] = [None] * len(requests)
         self.live = numpy.arange(len(requests))  # the request of each batch row
         self.next_pos = numpy.array([len(r.prompt) for r in requests])
 
     def advance(self, logits: numpy.ndarray, eos_id: int | None) -> None:
         """Pick each live row's next token, retire finished rows, set up the next step's inputs."""
         for row, i in enumerate(self.live):
-            r = self.requests[i]
-            token = int(choose_next(logits[row: row + 1], r.temperature, None, r.top_p, self.rngs[i])[0])
-            self.tokens[i].append(token)
-            if self.record_logits:
-                self.logits[i].append(logits[row])
-            if token == eos_id:
-                self.finish[i] = "stop"
-            elif len(self.tokens[i]) == r.max_tokens:
-                self.finish[i] = "length"
+            try:
+                self.finish[i] = self._step_row(i, logits[row], eos_id)
+            except Exception as exc:  # this row's failure is this row's alone
+                self.finish[i], self.errors[i] = "error", f"{type(exc).__name__}: {exc}"
         keep = numpy.array([self.finish[i] is None for i in self.live])
         if not keep.all():
             _keep_rows(self.cache, keep)
@@ -220,7 +239,26 @@ class _Batch:
         self.next_pos[self.live] += 1
         self.mask = numpy.concatenate([self.mask[keep], numpy.ones((self.live.size, 1), dtype=bool)], axis=1)
 
+    def _step_row(self, i: int, logits: numpy.ndarray, eos_id: int | None) -> str | None:
+        """Choose request ``i``'s next token from its logits (V,); -> why it ends now, or None."""
+        r = self.requests[i]
+        if not numpy.isfinite(logits).all():
+            raise FloatingPointError("the model produced non-finite logits for this request "
+                                     "(an adapter whose weights overflow in the model's dtype?)")
+        token = int(choose_next(logits[None], r.temperature, None, r.top_p, self.rngs[i])[0])
+        self.tokens[i].append(token)
+        if self.record_logits:
+            self.logits[i].append(logits)
+        if token == eos_id or (r.on_token is not None and r.on_token(token)):
+            return "stop"
+        return "length" if len(self.tokens[i]) == r.max_tokens else None
+
+    def fail_live(self, message: str) -> None:
+        for i in self.live:
+            self.finish[i], self.errors[i] = "error", message
+        self.live = self.live[:0]
+
     def completions(self) -> list[Completion]:
         return [Completion(self.tokens[i], self.finish[i], len(r.prompt),
-                           numpy.array(self.logits[i]) if self.record_logits else None)
+                           numpy.array(self.logits[i]) if self.record_logits else None, self.errors[i])
                 for i, r in enumerate(self.requests)]

@@ -1,34 +1,58 @@
-"""An OpenAI-shaped completions endpoint over the multi-LoRA engine, standard library only.
+"""OpenAI-compatible endpoints over the multi-LoRA engine, standard library only.
 
-    POST /v1/completions   {"model": "base" | "base:<adapter>", "prompt": "...", "max_tokens": 16,
-                            "temperature": 1.0, "top_p": 0.9, "seed": 0}
-    GET  /v1/models        "base" and one "base:<adapter>" per loaded adapter
-    GET  /v1/stats         batch sizes run and the adapter cache's hits, misses, evictions, bytes
+    POST /v1/completions        {"model", "prompt", "max_tokens": 16, "temperature": 1.0, "top_p",
+                                 "seed", "stop", "stream", "stream_options": {"include_usage"}}
+    POST /v1/chat/completions   the same with "messages": [{"role", "content"}, ...] instead of
+                                 "prompt", rendered with the tokenizer's chat template
+    GET  /v1/models[/{id}]      "base" and one "base:<adapter>" per loaded adapter
+    GET  /v1/stats              recent batch sizes and the adapter cache's hits, misses, bytes
 
-Each HTTP request is handled on its own thread (``ThreadingHTTPServer``), which checks the JSON,
-tokenizes, and hands a ``Request`` to the one ``Batcher`` thread. The batcher waits a short
-window after the first arrival (or until ``max_batch`` requests are in) and runs everything that
-came as one multi-adapter batch: requests that arrive together share one ``W x`` per layer, what
-S-LoRA and Punica are built around (lecture 004). Only the batcher touches the model.
+A model is "base", "base:<adapter>", or the bare adapter name (vLLM's way of naming one).
 
-Bad input never reaches the batcher: it gets a 4xx with a JSON ``{"error": {"message": ...}}``
-naming the field, and the server goes on serving everyone else.
+Each HTTP request is handled on its own thread (``ThreadingHTTPServer``), which checks every
+field, tokenizes, and hands a ``Request`` to the one ``Batcher`` thread. The batcher waits a
+short window after the first arrival (or until ``max_batch`` requests are in) and runs everything
+that came as one multi-adapter batch: requests that arrive together share one ``W x`` per layer,
+what S-LoRA and Punica are built around (lecture 004). Only the batcher touches the model.
+
+Each request's ``on_token`` feeds its ``StopText`` on the batcher thread as tokens are chosen;
+a streaming handler sends the new text as Server-Sent Events (``data: {chunk}``, then
+``data: [DONE]``), and a stop string ends the row in the batch at once.
+
+Isolation: bad input never reaches the batcher (a 4xx naming the field, in OpenAI's error shape);
+NaN and infinities are refused while the JSON is read; a prompt too long for the context is
+refused by its character count before it is tokenized; a row that fails inside a batch ends
+alone (``ServingEngine``). Sockets time out, so a client that stops sending cannot hold a thread.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import queue
 import secrets
 import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote
 
 from minift.serve.engine import Completion, Request, ServingEngine
 
 BASE = "base"
 MAX_BODY_BYTES = 1 << 20
+LISTEN_BACKLOG = 128  # socketserver's default of 5 resets connections under a burst of clients
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+ROLES = ("system", "user", "assistant")
+
+SAMPLING_FIELDS = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options", "user"}
+FIELDS = {"completions": SAMPLING_FIELDS | {"prompt"},
+          "chat": SAMPLING_FIELDS | {"messages", "max_completion_tokens"}}
+#: fields accepted only at the value that changes nothing; any other value is a 400 naming them
+NEUTRAL = {"n": (1,), "logprobs": (None, False), "top_logprobs": (None, 0), "echo": (False,), "best_of": (1,),
+           "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": (None, {}), "suffix": (None,),
+           "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None,),
+           "parallel_tool_calls": (None,), "response_format": (None, {"type": "text"})}
 
 
 class HttpError(Exception):
@@ -39,14 +63,71 @@ class HttpError(Exception):
         self.status, self.message, self.param = status, message, param
 
 
+class StopText:
+    """A row's text as its tokens arrive, cut before the first stop string.
+
+    The whole reply is decoded at each token (a token can be part of a character, see
+    ``minift.models.generate.TextStream``). ``visible`` is what may be sent already: it holds
+    back a trailing partial character and the last ``len(longest stop) - 1`` characters, which
+    could still turn out to begin a stop string. ``text`` is the reply once it is over.
+    """
+
+    def __init__(self, tokenizer, stops: list[str]):
+        self.tokenizer, self.stops = tokenizer, stops
+        self.hold = max((len(s) - 1 for s in stops), default=0)
+        self.ids: list[int] = []
+        self.text = self.visible = ""
+        self.stopped = False
+
+    def push(self, token: int) -> bool:
+        """Add one token; -> True when a stop string has now appeared (the row should end)."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special=True)
+        cuts = [text.find(s) for s in self.stops if s in text]
+        if cuts:
+            self.text = self.visible = text[:min(cuts)]
+            self.stopped = True
+            return True
+        safe = text.rstrip("\ufffd")
+        self.text, self.visible = text, safe[:len(safe) - self.hold]
+        return False
+
+
+@dataclass
+class Call:
+    """One checked request: its route, the model as named, the engine request, how to answer."""
+
+    route: str  # "completions" or "chat"
+    model: str
+    request: Request
+    stops: list[str]
+    stream: bool
+    include_usage: bool
+    id: str = field(default_factory=lambda: secrets.token_hex(12))
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
 @dataclass
 class Job:
-    """One request waiting for the batcher; the handler thread blocks on ``done``."""
+    """One request waiting for the batcher. ``updates`` gets the visible text after each token
+    and ``None`` once the job is done; a handler that loses its client sets ``cancelled``."""
 
     request: Request
+    text: StopText
+    updates: queue.Queue = field(default_factory=queue.Queue)
     done: threading.Event = field(default_factory=threading.Event)
+    cancelled: bool = False
     result: Completion | None = None
     error: HttpError | None = None
+
+    def on_token(self, token: int) -> bool:
+        stop = self.text.push(token)
+        self.updates.put(self.text.visible)
+        return stop or self.cancelled
+
+    def finish(self) -> None:
+        self.done.set()
+        self.updates.put(None)
 
 
 class Batcher(threading.Thread):
@@ -59,8 +140,9 @@ class Batcher(threading.Thread):
         self.queue: queue.Queue[Job] = queue.Queue()
         self.stopping = threading.Event()
 
-    def submit(self, request: Request) -> Job:
-        job = Job(request)
+    def submit(self, request: Request, text: StopText) -> Job:
+        job = Job(request, text)
+        request.on_token = job.on_token
         self.queue.put(job)
         return job
 
@@ -86,12 +168,14 @@ class Batcher(threading.Thread):
         try:
             for job, completion in zip(jobs, self.engine.generate([j.request for j in jobs])):
                 job.result = completion
-        except Exception as exc:  # a bug, not the client's fault: every waiting client gets a 500
+                if completion.finish_reason == "error":  # this row failed alone (ServingEngine)
+                    job.error = HttpError(500, f"generation failed for this request: {completion.error}")
+        except Exception as exc:  # a bug outside any row: every waiting client gets a 500
             for job in jobs:
                 job.error = HttpError(500, f"generation failed: {type(exc).__name__}: {exc}")
         finally:
             for job in jobs:
-                job.done.set()
+                job.finish()
 
     def _fail_waiting(self, error: HttpError) -> None:
         while True:
@@ -100,7 +184,23 @@ class Batcher(threading.Thread):
             except queue.Empty:
                 return
             job.error = error
-            job.done.set()
+            job.finish()
+
+
+def read_json(raw: bytes):
+    """The body as JSON, refusing what Python's reader accepts but JSON does not: NaN, Infinity,
+    and numbers too large for a float (1e400 would become inf)."""
+    def refuse(literal):
+        raise HttpError(400, f"the body contains {literal}; every number must be finite")
+
+    def finite(literal: str) -> float:
+        value = float(literal)
+        return value if math.isfinite(value) else refuse(literal)
+
+    try:
+        return json.loads(raw, parse_constant=refuse, parse_float=finite)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise HttpError(400, f"the body is not valid JSON: {exc}") from None
 
 
 def _number(body: dict, name: str, default, low: float, high: float, low_open: bool = False):
@@ -109,7 +209,7 @@ def _number(body: dict, name: str, default, low: float, high: float, low_open: b
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise HttpError(400, f"'{name}' must be a number, got {json.dumps(value)}", name)
-    if value > high or value < low or (low_open and value == low):
+    if not (low < value if low_open else low <= value) or not value <= high:  # NaN fails both
         raise HttpError(400, f"'{name}' must be in {'(' if low_open else '['}{low}, {high}], got {value}", name)
     return float(value)
 
@@ -123,46 +223,84 @@ def _integer(body: dict, name: str, default):
     return value
 
 
+def _check_fields(body: dict, route: str) -> None:
+    for name, value in body.items():
+        if name in NEUTRAL and value not in NEUTRAL[name]:
+            raise HttpError(400, f"'{name}' is not supported by this server; leave it out "
+                                 f"(or send {json.dumps(NEUTRAL[name][-1])})", name)
+        if name not in NEUTRAL and name not in FIELDS[route]:
+            raise HttpError(400, f"unknown field '{name}'; this route takes {sorted(FIELDS[route])}", name)
+
+
+def _stops(body: dict) -> list[str]:
+    stop = body.get("stop")
+    stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if (not isinstance(stops, list) or len(stops) > MAX_STOP_STRINGS
+            or not all(isinstance(s, str) and s for s in stops)):
+        raise HttpError(400, f"'stop' must be a non-empty string or a list of at most {MAX_STOP_STRINGS} of them, "
+                             f"got {json.dumps(stop)}", "stop")
+    return stops
+
+
+def _include_usage(body: dict, stream: bool) -> bool:
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not stream or not isinstance(options, dict) or set(options) - {"include_usage"} \
+            or not isinstance(options.get("include_usage", False), bool):
+        raise HttpError(400, "'stream_options' takes only {\"include_usage\": true|false}, with stream=true",
+                        "stream_options")
+    return options.get("include_usage", False)
+
+
 class CompletionService:
-    """What the HTTP handler calls: JSON in, JSON out, ``HttpError`` for the client's mistakes."""
+    """What the HTTP handler calls: JSON in, JSON (or chunks) out, ``HttpError`` for the client's
+    mistakes."""
 
     def __init__(self, engine: ServingEngine, tokenizer, window_s: float, timeout_s: float):
         self.engine, self.tokenizer, self.timeout_s = engine, tokenizer, timeout_s
         self.batcher = Batcher(engine, window_s)
+        # a token spans at most this many characters, so a longer text has more tokens than fit
+        longest = max([getattr(tokenizer, "max_token_bytes", 1), *map(len, tokenizer.special_tokens)])
+        self.max_prompt_chars = (engine.context - 1) * longest
 
     def models(self) -> dict:
         ids = [BASE] + [f"{BASE}:{name}" for name in self.engine.library.names()]
         return {"object": "list", "data": [{"id": i, "object": "model", "owned_by": "minift"} for i in ids]}
+
+    def model(self, model: str) -> dict:
+        self._adapter(model)
+        return {"id": model, "object": "model", "owned_by": "minift"}
 
     def stats(self) -> dict:
         return {"batch_sizes": list(self.engine.batch_sizes), "adapter_cache": self.engine.slots.stats.to_dict(),
                 "slots": self.engine.slots.n_slots, "slot_bytes": self.engine.slots.slot_bytes,
                 "resident": list(self.engine.slots.resident)}
 
-    def parse(self, body) -> tuple[str, Request]:
-        """Check every field of a completions request and turn it into an engine ``Request``."""
+    def parse(self, body, route: str) -> Call:
+        """Check every field of a request to ``route`` and turn it into a ``Call``."""
         if not isinstance(body, dict):
             raise HttpError(400, "the request body must be a JSON object")
+        _check_fields(body, route)
         model = body.get("model")
         if not isinstance(model, str):
             raise HttpError(400, f"'model' must be a string like {BASE!r} or '{BASE}:<adapter>'", "model")
         adapter = self._adapter(model)
-        prompt = body.get("prompt")
-        if not isinstance(prompt, str) or not prompt:
-            raise HttpError(400, "'prompt' must be a non-empty string", "prompt")
-        if body.get("stream"):
-            raise HttpError(400, "'stream' is not supported; send stream=false", "stream")
-        if _integer(body, "n", 1) != 1:
-            raise HttpError(400, "'n' must be 1 (one completion per request)", "n")
-        ids = self.tokenizer.encode(prompt)
-        context = self.engine.context
-        if len(ids) >= context:
-            raise HttpError(400, f"the prompt is {len(ids)} tokens; the context holds {context}, "
-                                 "including at least one new token", "prompt")
-        max_tokens = _integer(body, "max_tokens", 16)
-        if max_tokens < 1 or len(ids) + max_tokens > context:
-            raise HttpError(400, f"'max_tokens' must be in [1, {context - len(ids)}] for this {len(ids)}-token "
-                                 f"prompt (context {context}), got {max_tokens}", "max_tokens")
+        text = self._chat_prompt(body) if route == "chat" else self._prompt(body)
+        param = "messages" if route == "chat" else "prompt"
+        if len(text) > self.max_prompt_chars:  # before BPE, whose cost grows faster than the text
+            raise HttpError(400, f"the prompt is {len(text)} characters; no text over {self.max_prompt_chars} "
+                                 f"characters fits the context of {self.engine.context} tokens", param)
+        ids = self.tokenizer.encode(text)
+        room = self.engine.context - len(ids)
+        if room < 1:
+            raise HttpError(400, f"the prompt is {len(ids)} tokens; the context holds {self.engine.context}, "
+                                 "including at least one new token", param)
+        name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+        max_tokens = _integer(body, name, 16 if route == "completions" else room)
+        if not 1 <= max_tokens <= room:
+            raise HttpError(400, f"'{name}' must be in [1, {room}] for this {len(ids)}-token prompt "
+                                 f"(context {self.engine.context}), got {max_tokens}", name)
         seed = _integer(body, "seed", None)
         request = Request(ids, adapter, max_tokens, temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
                           top_p=_number(body, "top_p", None, 0.0, 1.0, low_open=True),
@@ -171,29 +309,109 @@ class CompletionService:
             self.engine.validate(request)  # what the JSON checks cannot see (token ids, seed range)
         except ValueError as exc:
             raise HttpError(400, str(exc)) from None
-        return model, request
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise HttpError(400, f"'stream' must be true or false, got {json.dumps(stream)}", "stream")
+        return Call(route, model, request, _stops(body), stream, _include_usage(body, stream))
 
     def _adapter(self, model: str) -> str | None:
         base, _, adapter = model.partition(":")
+        if model in self.engine.library and model != BASE:
+            return model
         if base != BASE or (adapter and adapter not in self.engine.library) or model == f"{BASE}:":
             known = [m["id"] for m in self.models()["data"]]
             raise HttpError(404, f"model {model!r} does not exist; available: {known}", "model")
         return adapter or None
 
-    def complete(self, body) -> dict:
-        model, request = self.parse(body)
-        job = self.batcher.submit(request)
+    @staticmethod
+    def _prompt(body: dict) -> str:
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            raise HttpError(400, "'prompt' must be a non-empty string (lists and token ids are not supported)",
+                            "prompt")
+        return prompt
+
+    def _chat_prompt(self, body: dict) -> str:
+        """The conversation rendered by the model's chat template, ending in an opened assistant
+        turn: the same text ``minift generate --chat`` and ``minift chat`` give the model."""
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise HttpError(400, "'messages' must be a non-empty list of {\"role\", \"content\"}", "messages")
+        for i, message in enumerate(messages):
+            where = f"messages[{i}]"
+            if not isinstance(message, dict) or set(message) - {"role", "content"}:
+                raise HttpError(400, f"{where} must be an object with only \"role\" and \"content\"", where)
+            if message.get("role") not in ROLES:
+                raise HttpError(400, f"{where}.role must be one of {list(ROLES)}, got "
+                                     f"{json.dumps(message.get('role'))}", f"{where}.role")
+            content = message.get("content")
+            if not isinstance(content, str):
+                raise HttpError(400, f"{where}.content must be a string (content parts are not supported)",
+                                f"{where}.content")
+            forged = [t for t in self.tokenizer.special_tokens if t in content]
+            if forged:  # content must not open or close turns of its own
+                raise HttpError(400, f"{where}.content contains the control token {forged[0]!r}; remove it",
+                                f"{where}.content")
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+    def submit(self, call: Call) -> Job:
+        return self.batcher.submit(call.request, StopText(self.tokenizer, call.stops))
+
+    def answer(self, call: Call, job: Job) -> dict:
+        """The whole response of a non-streaming call, once its job is done."""
         if not job.done.wait(self.timeout_s):
+            job.cancelled = True
             raise HttpError(503, f"no answer within {self.timeout_s} s; the server is overloaded")
         if job.error:
             raise job.error
+        finish = self._finish_reason(job)
+        choice = ({"index": 0, "message": {"role": "assistant", "content": job.text.text}, "finish_reason": finish,
+                   "logprobs": None} if call.route == "chat" else
+                  {"index": 0, "text": job.text.text, "finish_reason": finish, "logprobs": None})
+        return {**self._head(call, chunk=False), "choices": [choice], "usage": self._usage(job)}
+
+    def chunks(self, call: Call, job: Job):
+        """The streamed response: one chunk per piece of new text, a last chunk with the finish
+        reason, a usage chunk if asked, then ``[DONE]`` (chunks are dicts, ``[DONE]`` a str)."""
+        if call.route == "chat":
+            yield self._chunk(call, {"role": "assistant", "content": ""}, None)
+        sent = ""
+        while (update := job.updates.get(timeout=self.timeout_s)) is not None:
+            if len(update) > len(sent):
+                yield self._chunk(call, update[len(sent):], None)
+                sent = update
+        if job.error:
+            yield _error_body(job.error)
+        else:
+            yield self._chunk(call, job.text.text[len(sent):], self._finish_reason(job))
+            if call.include_usage:
+                yield {**self._head(call, chunk=True), "choices": [], "usage": self._usage(job)}
+        yield "[DONE]"
+
+    def _chunk(self, call: Call, text, finish: str | None) -> dict:
+        if call.route == "chat":
+            delta = text if isinstance(text, dict) else ({"content": text} if text else {})
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+        return {**self._head(call, chunk=True), "choices": [choice]}
+
+    @staticmethod
+    def _head(call: Call, chunk: bool) -> dict:
+        chat = call.route == "chat"
+        kind = ("chat.completion.chunk" if chunk else "chat.completion") if chat else "text_completion"
+        return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{call.id}", "object": kind, "created": call.created,
+                "model": call.model}
+
+    @staticmethod
+    def _finish_reason(job: Job) -> str:
+        return "stop" if job.text.stopped else job.result.finish_reason
+
+    @staticmethod
+    def _usage(job: Job) -> dict:
         done = job.result
-        text = self.tokenizer.decode(done.tokens, skip_special=True)
-        return {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
-                "model": model,
-                "choices": [{"index": 0, "text": text, "finish_reason": done.finish_reason, "logprobs": None}],
-                "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": len(done.tokens),
-                          "total_tokens": done.prompt_tokens + len(done.tokens)}}
+        return {"prompt_tokens": done.prompt_tokens, "completion_tokens": len(done.tokens),
+                "total_tokens": done.prompt_tokens + len(done.tokens)}
 
 
 def _error_body(exc: HttpError) -> dict:
@@ -206,20 +424,38 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "minift"
     protocol_version = "HTTP/1.1"
 
+    def setup(self) -> None:
+        self.timeout = self.server.socket_timeout_s  # StreamRequestHandler sets it on the socket
+        super().setup()
+
     @property
     def service(self) -> CompletionService:
         return self.server.service
 
     def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+        path = self.path.split("?")[0]
+        if path.startswith("/v1/models/"):
+            self._respond(lambda: self.service.model(unquote(path.removeprefix("/v1/models/"))))
+            return
         routes = {"/v1/models": self.service.models, "/v1/stats": self.service.stats}
-        self._respond(lambda: routes[self.path]() if self.path in routes else self._not_found())
+        self._respond(lambda: routes[path]() if path in routes else self._not_found())
 
     def do_POST(self) -> None:  # noqa: N802
-        self._respond(lambda: self.service.complete(self._json_body()) if self.path == "/v1/completions"
-                      else self._not_found())
+        route = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}.get(self.path.split("?")[0])
+        try:
+            call = self.service.parse(self._json_body(), route) if route else self._not_found()
+            job = self.service.submit(call)
+        except Exception as exc:  # noqa: BLE001 - every failure is answered, see _failure
+            self._send_json(*_failure(exc))
+            return
+        if call.stream:
+            self._stream(self.service.chunks(call, job), job)
+        else:
+            self._respond(lambda: self.service.answer(call, job))
 
     def _not_found(self):
-        raise HttpError(404, f"no route {self.command} {self.path}; try POST /v1/completions or GET /v1/models")
+        raise HttpError(404, f"no route {self.command} {self.path}; try POST /v1/completions, "
+                             "POST /v1/chat/completions or GET /v1/models")
 
     def _json_body(self):
         length = self.headers.get("Content-Length")
@@ -227,19 +463,22 @@ class _Handler(BaseHTTPRequestHandler):
             raise HttpError(411, "a Content-Length header is required")
         if int(length) > MAX_BODY_BYTES:
             raise HttpError(413, f"the body is {length} bytes; the limit is {MAX_BODY_BYTES}")
-        raw = self.rfile.read(int(length))
         try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise HttpError(400, f"the body is not valid JSON: {exc}") from None
+            raw = self.rfile.read(int(length))
+        except TimeoutError:
+            raise HttpError(408, f"the body did not arrive within {self.timeout} s") from None
+        if len(raw) < int(length):
+            raise HttpError(400, f"the body ended after {len(raw)} of the {length} bytes promised")
+        return read_json(raw)
 
     def _respond(self, make) -> None:
         try:
             status, payload = 200, make()
-        except HttpError as exc:
-            status, payload = exc.status, _error_body(exc)
-        except Exception as exc:  # a bug must not drop the connection without an answer
-            status, payload = 500, _error_body(HttpError(500, f"internal error: {type(exc).__name__}: {exc}"))
+        except Exception as exc:  # noqa: BLE001 - every failure is answered, see _failure
+            status, payload = _failure(exc)
+        self._send_json(status, payload)
+
+    def _send_json(self, status: int, payload: dict) -> None:
         data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -250,24 +489,54 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _stream(self, chunks, job: Job) -> None:
+        """Server-Sent Events, the body ended by closing the connection. A client that goes away
+        (or stops reading until the socket times out) cancels its row in the batch."""
+        self.close_connection = True
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        try:
+            for chunk in chunks:
+                self.wfile.write(f"data: {chunk if isinstance(chunk, str) else json.dumps(chunk)}\n\n".encode())
+                self.wfile.flush()
+        except (OSError, queue.Empty):  # the client left, or the batcher took longer than timeout_s
+            job.cancelled = True
+
     def log_message(self, format, *args) -> None:  # noqa: A002 - http.server's signature
         if self.server.verbose:
             super().log_message(format, *args)
 
 
+def _failure(exc: Exception) -> tuple[int, dict]:
+    """-> (status, error body): the client's mistake as it was raised, a bug as a 500, so that
+    no failure drops the connection without an answer."""
+    if not isinstance(exc, HttpError):
+        exc = HttpError(500, f"internal error: {type(exc).__name__}: {exc}")
+    return exc.status, _error_body(exc)
+
+
+class _HttpServer(ThreadingHTTPServer):
+    request_queue_size = LISTEN_BACKLOG
+    daemon_threads = True
+
+
 class CompletionServer:
-    """The HTTP server on 127.0.0.1 plus its batcher; ``port=0`` picks a free port.
+    """The HTTP server plus its batcher; ``port=0`` picks a free port.
 
     ``start()`` serves on background threads (tests, ``bench-serve``), ``serve_forever()`` in
     the calling thread (``minift serve``); ``stop()`` ends both. Also a context manager.
+    ``socket_timeout_s`` bounds every read and write on a connection (and an idle keep-alive).
     """
 
     def __init__(self, engine: ServingEngine, tokenizer, port: int = 0, window_ms: float = 15.0,
-                 timeout_s: float = 600.0, verbose: bool = False):
+                 timeout_s: float = 600.0, verbose: bool = False, host: str = "127.0.0.1",
+                 socket_timeout_s: float = 30.0):
         self.service = CompletionService(engine, tokenizer, window_ms / 1000, timeout_s)
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), _Handler)
-        self.httpd.daemon_threads = True
-        self.httpd.service, self.httpd.verbose = self.service, verbose
+        self.httpd = _HttpServer((host, port), _Handler)
+        self.httpd.service, self.httpd.verbose, self.httpd.socket_timeout_s = self.service, verbose, socket_timeout_s
         self._thread: threading.Thread | None = None
 
     @property

@@ -54,3 +54,13 @@ def merged_reference(folder, dtype=np.float64) -> LlamaForCausalLM:
     if folder is None:
         return base
     return PeftModel.from_pretrained(copy.deepcopy(base), folder).merge_and_unload()
+
+
+def write_overflowing_adapter(root, dtype=np.float32, **overrides):
+    """An adapter the library accepts (finite, right shapes) whose B is so large that a float32
+    forward overflows: its rows get non-finite logits, a failure only the batch can see."""
+    peft = get_peft_model(base_model(dtype, **overrides), copy.deepcopy(ADAPTERS["r1"]))
+    for pname, p in peft.named_parameters():
+        if ".lora_B." in pname:
+            p.data = np.full(p.shape, np.finfo(dtype).max, dtype)
+    return peft.save_pretrained(root / "overflow")

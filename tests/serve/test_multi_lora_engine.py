@@ -9,13 +9,21 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from serve_fixtures import ADAPTERS, base_model, make_engine, merged_reference, write_adapters
+from serve_fixtures import (
+    ADAPTERS,
+    base_model,
+    make_engine,
+    merged_reference,
+    write_adapters,
+    write_overflowing_adapter,
+)
 from strategies import serving_requests
 
 from minift.autograd.function import op_counts
 from minift.backend import to_numpy, xp
 from minift.cuda import kernels
 from minift.serve import NO_ADAPTER, Request, lora_gather_delta
+from minift.serve import engine as engine_module
 
 fixture_ok = settings(suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
 
@@ -156,8 +164,11 @@ def test_a_mixed_batch_on_the_bgmv_kernel_equals_the_merged_reference(backend, f
     (Request([1], "nope", 2), KeyError, "unknown adapter 'nope'"),
     (Request([1], None, 0), ValueError, "max_tokens must be a positive integer"),
     (Request([1] * 30, None, 11), ValueError, "together more than the context of 40 tokens"),
-    (Request([1], None, 2, temperature=-0.5), ValueError, "temperature must be >= 0"),
+    (Request([1], None, 2, temperature=-0.5), ValueError, "temperature must be a finite number >= 0, got -0.5"),
+    (Request([1], None, 2, temperature=float("nan")), ValueError, "temperature must be a finite number >= 0"),
+    (Request([1], None, 2, temperature=float("inf")), ValueError, "temperature must be a finite number >= 0"),
     (Request([1], None, 2, top_p=1.5), ValueError, r"top_p must be in \(0, 1\]"),
+    (Request([1], None, 2, top_p=float("nan")), ValueError, r"top_p must be in \(0, 1\]"),
     (Request([1], None, 2, seed=-1), ValueError, "seed must be a non-negative integer"),
 ])
 def test_a_bad_request_is_refused_before_anything_runs(folders, request_, error, message):
@@ -165,3 +176,60 @@ def test_a_bad_request_is_refused_before_anything_runs(folders, request_, error,
     with pytest.raises(error, match=message):
         engine.generate([Request([1, 2], "r1", 2), request_])
     assert engine.batch_sizes == [] and engine.slots.stats.misses == 0
+
+
+ALONE = [Request([1, 2, 3], "r1", 4), Request([5, 6], None, 3), Request([7], "r3", 5)]
+
+
+def test_a_row_with_non_finite_logits_fails_alone_and_the_others_are_unchanged(tmp_path, folders):
+    engine = make_engine({**folders, "overflow": write_overflowing_adapter(tmp_path)}, dtype=np.float32)
+    alone = [engine.generate([r])[0] for r in ALONE]
+    with np.errstate(over="ignore", invalid="ignore"):  # the overflow is the point of the test
+        done = engine.generate([ALONE[0], Request([1, 2], "overflow", 4), *ALONE[1:]])
+    assert done[1].finish_reason == "error" and done[1].tokens == []
+    assert "non-finite logits" in done[1].error
+    assert [c.tokens for c in done[:1] + done[2:]] == [c.tokens for c in alone]
+    assert all(c.error is None for c in alone)
+    assert engine.batch_sizes[len(alone):] == [4, 1]  # the others were not stopped; the failed row retried alone
+
+
+def test_a_failing_on_token_ends_its_row_only_and_returning_true_stops_it(folders):
+    engine = make_engine(folders)
+    alone = [engine.generate([r])[0] for r in ALONE]
+
+    def broken(token):
+        raise RuntimeError("client callback broke")
+
+    seen = []
+    stop_after_two = Request([1, 2], "r8", 6, on_token=lambda t: seen.append(t) or len(seen) == 2)
+    done = engine.generate([*ALONE, Request([4, 4], "r1", 5, on_token=broken), stop_after_two])
+    assert [c.tokens for c in done[:3]] == [c.tokens for c in alone]
+    assert done[3].finish_reason == "error" and "client callback broke" in done[3].error
+    assert len(done[3].tokens) == 1  # it failed after its first token, so it was not run again
+    assert done[4].finish_reason == "stop" and done[4].tokens == seen and len(seen) == 2
+
+
+def test_a_request_that_breaks_the_batched_forward_is_run_again_alone_and_fails_alone(folders, monkeypatch):
+    engine = make_engine(folders)
+    alone = [engine.generate([r])[0] for r in ALONE]
+    forward = type(engine.model).forward
+
+    def poisoned(self, ids, *args, **kwargs):  # token 47 in a prompt breaks the forward
+        if (np.asarray(ids) == 47).any():
+            raise ValueError("poisoned input")
+        return forward(self, ids, *args, **kwargs)
+
+    monkeypatch.setattr(type(engine.model), "forward", poisoned)
+    sizes = len(engine.batch_sizes)
+    done = engine.generate([*ALONE, Request([3, 47], None, 2)])
+    assert [c.tokens for c in done[:3]] == [c.tokens for c in alone]
+    assert done[3].finish_reason == "error" and "poisoned input" in done[3].error
+    assert engine.batch_sizes[sizes:] == [4, 1, 1, 1, 1]  # the batch, then each row alone
+
+
+def test_the_recorded_batch_sizes_are_bounded(folders, monkeypatch):
+    monkeypatch.setattr(engine_module, "MAX_RECORDED", 3)
+    engine = make_engine(folders)
+    for n in range(1, 6):
+        engine.generate([Request([1], None, 1)] * n)
+    assert engine.batch_sizes == [3, 4, 5]  # the latest three, in order

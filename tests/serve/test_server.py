@@ -92,6 +92,7 @@ BAD = [
     ({"model": "base:", "prompt": "hi"}, 404, "model 'base:' does not exist"),
     ({"prompt": "hi"}, 400, "'model' must be a string"),
     ({"model": "base", "prompt": 5}, 400, "'prompt' must be a non-empty string"),
+    ({"model": "base", "prompt": ["a", "b"]}, 400, "lists and token ids are not supported"),
     ({"model": "base", "prompt": ""}, 400, "'prompt' must be a non-empty string"),
     ({"model": "base", "prompt": "x" * CONTEXT}, 400, f"the prompt is {CONTEXT} tokens; the context holds {CONTEXT}"),
     ({"model": "base", "prompt": "hi", "max_tokens": CONTEXT - 1}, 400,
@@ -104,8 +105,8 @@ BAD = [
     ({"model": "base", "prompt": "hi", "top_p": 0}, 400, "'top_p' must be in (0.0, 1.0], got 0"),
     ({"model": "base", "prompt": "hi", "seed": 1.5}, 400, "'seed' must be an integer"),
     ({"model": "base", "prompt": "hi", "seed": -3}, 400, "seed must be a non-negative integer, got -3"),
-    ({"model": "base", "prompt": "hi", "stream": True}, 400, "'stream' is not supported"),
-    ({"model": "base", "prompt": "hi", "n": 2}, 400, "'n' must be 1"),
+    ({"model": "base", "prompt": "hi", "stream": "yes"}, 400, "'stream' must be true or false"),
+    ({"model": "base", "prompt": "hi", "n": 2}, 400, "'n' is not supported by this server"),
     (b"{not json", 400, "the body is not valid JSON"),
     (b"\xff\xfe", 400, "the body is not valid JSON"),
     (b"[1, 2]", 400, "the request body must be a JSON object"),
@@ -144,7 +145,7 @@ def raw_request(server, method, path, headers, body=b""):
 @pytest.mark.parametrize("method, path, headers, status, message", [
     ("POST", "/v1/completions", {}, 411, "Content-Length header is required"),
     ("POST", "/v1/completions", {"Content-Length": str(10**9)}, 413, "the limit is 1048576"),
-    ("POST", "/v1/chat/completions", {"Content-Length": "2"}, 404, "no route POST /v1/chat/completions"),
+    ("POST", "/v1/chat", {"Content-Length": "2"}, 404, "no route POST /v1/chat; try POST /v1/completions"),
     ("GET", "/v1/completions", {}, 404, "no route GET /v1/completions"),
 ])
 def test_protocol_errors(server, method, path, headers, status, message):
@@ -181,6 +182,7 @@ def test_cli_serve_answers_over_http(tmp_path, adapters, monkeypatch, capsys):
     answers = []
 
     def serve_once(self):
+        answers.append(self.httpd.server_address[0])
         self.start()
         try:
             answers.append(complete(self, {**GOOD, "model": "base:legal"}))
@@ -189,7 +191,7 @@ def test_cli_serve_answers_over_http(tmp_path, adapters, monkeypatch, capsys):
 
     monkeypatch.setattr(CompletionServer, "serve_forever", serve_once)
     assert main(["serve", "--model", str(tmp_path / "model"), "--adapter", f"legal={adapters['r1']}",
-                 "--port", "0", "--slots", "2"]) == 0
-    assert answers[0][0] == 200 and "base:legal" in capsys.readouterr().out
+                 "--port", "0", "--slots", "2", "--host", "127.0.0.2"]) == 0
+    assert answers[0] == "127.0.0.2" and answers[1][0] == 200 and "base:legal" in capsys.readouterr().out
     assert main(["serve", "--model", str(tmp_path / "model"), "--adapter", "legal"]) == 1
     assert "--adapter takes NAME=FOLDER" in capsys.readouterr().err
