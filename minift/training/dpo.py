@@ -158,6 +158,8 @@ class DPOTrainer(Trainer):
     trained weights into the model.
     """
 
+    loss_label = "preference loss (per pair)"
+
     def __init__(self, model, config, train_loader, eval_loader=None, *, beta: float = 0.1,
                  loss_type: str = "sigmoid", reference: str = "auto"):
         self.eval_metrics: dict[str, float] = {}

@@ -143,6 +143,8 @@ class History:
 class Trainer:
     """Runs ``config.max_steps`` optimizer steps of ``model`` on batches from ``train_loader``."""
 
+    loss_label = "loss (nats/token)"  # the y axis of curves.png
+
     def __init__(self, model, config: TrainConfig, train_loader, eval_loader=None, loss_fn=causal_lm_loss):
         self.model, self.config, self.loss_fn = model, config, loss_fn
         self.train_loader, self.eval_loader = train_loader, eval_loader
@@ -443,7 +445,7 @@ class Trainer:
         if h.eval_steps:
             ax_loss.plot(h.eval_steps, h.eval_losses, "o-", label="eval (held-out data)")
         note = "" if h.eval_steps else " — no eval data"
-        ax_loss.set(xlabel="step", ylabel="loss (nats/token)", title=f"loss{note}")
+        ax_loss.set(xlabel="step", ylabel=self.loss_label, title=f"loss{note}")
         ax_loss.legend()
         ax_lr.plot(h.steps, h.lrs, color="tab:orange")
         ax_lr.set(xlabel="step", ylabel="learning rate", title=f"{cfg.schedule} schedule, peak {cfg.lr:g}")
