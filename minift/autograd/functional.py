@@ -10,6 +10,7 @@ from __future__ import annotations
 import numbers
 
 from minift.autograd import attention as _attn
+from minift.autograd import checkpointing as _checkpointing
 from minift.autograd import elementwise as _ew
 from minift.autograd import nn_ops as _nn
 from minift.autograd import reduce as _red
@@ -211,6 +212,7 @@ def dropout(x, p: float, rng, training: bool = True):
         raise ValueError(f"dropout: p must be in [0, 1), got {p}")
     if not training or p == 0:
         return x
+    _checkpointing.note_generator(rng)  # a checkpointed block's recompute must draw this same mask
     return _nn.Dropout.apply(x, p=p, rng=rng)
 
 

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy
 
 import minift.autograd.functional as F
-from minift.autograd import Tensor
+from minift.autograd import Tensor, checkpoint, is_grad_enabled
 from minift.backend import xp
 from minift.nn import Embedding, Linear, Module, ModuleList, RMSNorm
 
@@ -205,11 +205,17 @@ class LlamaModel(Module):
         self.embed_tokens = Embedding(config.vocab_size, config.dim, std=config.init_std, rng=rng)
         self.layers = ModuleList(LlamaBlock(config, rng) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.gradient_checkpointing = False
 
     def forward(self, input_ids, cos, sin, cache=None, mask=None):
         x = self.embed_tokens(input_ids)  # (B, T, C)
+        recompute = self.gradient_checkpointing and cache is None and is_grad_enabled()
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, i, cache, mask)
+            if recompute:
+                x = checkpoint(lambda h, block=block, i=i: block(h, cos, sin, i, None, mask), x,
+                               parameters=block.parameters())
+            else:
+                x = block(x, cos, sin, i, cache, mask)
         return self.norm(x)
 
 
@@ -275,6 +281,16 @@ class LlamaForCausalLM(Module):
             h = h[:, -1:]
         head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(h, head)
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Keep only each block's input during a training forward and recompute the block in
+        backward (minift/autograd/checkpointing.py): activation memory drops from every block's
+        activations to one block's, for one extra forward per block. Generation (a KV cache, or
+        ``no_grad``) is unaffected. Transformers' name for the same switch."""
+        self.model.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.model.gradient_checkpointing = False
 
     def generate(self, input_ids, max_new_tokens: int, **sampling):
         """Continue each row of ``input_ids``; see ``minift.models.generate.generate``."""

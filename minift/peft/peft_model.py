@@ -89,6 +89,13 @@ class PeftModel(Module):
     def dtype(self):
         return self.model.dtype
 
+    def gradient_checkpointing_enable(self) -> None:
+        """Checkpoint the wrapped model's blocks; the adapters inside them are recomputed too."""
+        self.model.gradient_checkpointing_enable()
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.model.gradient_checkpointing_disable()
+
     # ---- adapters ------------------------------------------------------------------------
     def add_adapter(self, name: str, config: LoraConfig) -> None:
         """Insert adapter ``name`` into every target layer (LoRA-wrapping them on first use)."""

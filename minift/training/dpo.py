@@ -247,14 +247,14 @@ def plot_rewards(history, eval_rows: list[dict], path, title: str = "DPO") -> Pa
     ax_rewards, ax_accuracy = fig.subplots(1, 2)
     steps, metrics = history.steps, history.metrics
     for key, colour in (("chosen", "tab:green"), ("rejected", "tab:red"), ("margins", "tab:blue")):
-        ax_rewards.plot(steps, metrics.get(f"rewards/{key}", []), color=colour, label=f"train {key}")
+        _plot_train(ax_rewards, steps, metrics.get(f"rewards/{key}", []), colour, f"train {key}")
         if eval_rows:
             ax_rewards.plot([r["step"] for r in eval_rows], [r[f"eval_rewards/{key}"] for r in eval_rows], "o--",
                             color=colour, label=f"eval {key}")
     ax_rewards.axhline(0, color="grey", linewidth=0.8)
     ax_rewards.set(xlabel="step", ylabel="beta * log(pi / pi_ref)", title="implicit rewards")
     ax_rewards.legend(fontsize=8)
-    ax_accuracy.plot(steps, metrics.get("rewards/accuracies", []), color="tab:purple", label="train (batch)")
+    _plot_train(ax_accuracy, steps, metrics.get("rewards/accuracies", []), "tab:purple", "train")
     if eval_rows:
         ax_accuracy.plot([r["step"] for r in eval_rows], [r["eval_rewards/accuracies"] for r in eval_rows], "o--",
                          color="tab:purple", label="eval")
@@ -266,3 +266,15 @@ def plot_rewards(history, eval_rows: list[dict], path, title: str = "DPO") -> Pa
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return Path(path)
+
+
+def _plot_train(ax, steps, values, colour, label) -> None:
+    """One training metric: each batch's value, and past 50 steps a moving average over about
+    a twentieth of the run on top (single batches of a few pairs are noisy)."""
+    if len(values) <= 50:
+        ax.plot(steps, values, color=colour, label=f"{label} (batch)")
+        return
+    window = len(values) // 20
+    smooth = numpy.convolve(values, numpy.ones(window) / window, mode="valid")
+    ax.plot(steps, values, color=colour, alpha=0.25)
+    ax.plot(steps[window - 1:], smooth, color=colour, label=f"{label} (mean of {window} steps)")
