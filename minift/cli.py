@@ -138,6 +138,8 @@ def cmd_finetune(args) -> None:
                             bottleneck=args.bottleneck, prefix_tokens=args.prefix_tokens, seed=args.seed)
     model, description = prepare_model(model, args.method, options)
     print(description)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
     print(trainable_report(model))
     dataset = InstructionDataset(args.data, tok, model.config.max_seq_len, system_prompt=system)
     loader = DataLoader(dataset, args.batch_size, seed=args.seed, pad_id=tok.pad_id)
@@ -188,6 +190,8 @@ def cmd_dpo(args) -> None:
     else:
         model, description = prepare_model(model, args.method, options)
         print(description)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
     print(trainable_report(model))
     data, eval_data = args.data, args.eval_data
     if data is None:
@@ -417,6 +421,12 @@ def _add_training_flags(p) -> None:
                    "(checkpoints, metrics, plots) and start again")
 
 
+def _add_checkpointing_flag(p) -> None:
+    p.add_argument("--gradient-checkpointing", action="store_true", help="keep only each block's input in the "
+                   "forward and recompute the block in backward: far less activation memory for one extra "
+                   "forward per block (docs/training.md)")
+
+
 def _add_sampling_flags(p, max_new_tokens: int) -> None:
     """How generated tokens are chosen (``minift.models.generate``): greedy at temperature 0."""
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
@@ -503,6 +513,7 @@ minift finetune --model smollm2 --method qlora --data my.jsonl --eval-data held.
     p.add_argument("--save-merged", action="store_true",
                    help="lora/qlora: also save the model with the adapter merged in, as a Hugging Face folder in --out")
     _add_training_flags(p)
+    _add_checkpointing_flag(p)
 
     p = _command(sub, "dpo", "preference-tune a model on chosen/rejected pairs (DPO or IPO), after SFT", """
 minift dpo --model smollm2 --out runs/smol-dpo
@@ -526,6 +537,7 @@ minift dpo --model smollm2 --data pairs.jsonl --method full --lr 1e-5 --beta 0.2
     p.add_argument("--save-merged", action="store_true",
                    help="lora: also save the model with the adapter merged in, as a Hugging Face folder in --out")
     _add_training_flags(p)
+    _add_checkpointing_flag(p)
     p.set_defaults(steps=30, lr=5e-4, batch_size=4, warmup_ratio=0.1, eval_every=10, save_every=10)
 
     p = _command(sub, "export", "write a model (an adapter merged in) as a Hugging Face folder or a GGUF file", """

@@ -18,6 +18,10 @@ The rows (bytes):
     peak          weights + optimizer + max(activations + the largest temporary of one op,
                   gradients + the AdamW update's temporaries)
 
+With gradient checkpointing (``model.gradient_checkpointing_enable()``) the graph keeps only each
+trained block's input until backward; the block being recomputed holds its own activations on
+top of those, one block at a time, so they count in the peak (with the gradients that exist by then).
+
 LoRA keeps fewer activations than full fine-tuning (a frozen linear layer saves no input: its
 backward needs only W), and needs far less memory besides: no gradients and no optimizer state
 for the frozen weights. QLoRA keeps LoRA's activations and shrinks the frozen weights 7.75x.
@@ -168,18 +172,28 @@ def block_activation_elements(c: LlamaConfig, seq: int, trained: tuple[str, ...]
 
 def activation_bytes(c: LlamaConfig, method: str, o: MethodOptions, batch: int, seq: int,
                      p: Precision = MINIFT) -> int:
-    """Bytes the graph holds at the end of the forward pass (the loss computed)."""
-    lora_r = o.lora_r if method in ("lora", "qlora") else 0
-    block = block_activation_elements(c, seq, trained_linears(method, o), lora_r)
+    """Bytes the graph holds at the end of the forward pass (the loss computed); with
+    checkpointing, each recorded block keeps only its input (``recompute_bytes`` is the rest)."""
     recorded = c.n_layers - _frozen_blocks(c, method, o)
-    if p.checkpointing:  # each block's input is kept; one block at a time is recomputed in backward
-        blocks = recorded * c.dim + block
-    else:
-        blocks = recorded * block
+    blocks = recorded * (c.dim if p.checkpointing else _block_elements(c, method, o, seq))
     head_input = c.dim if method == "full" else 0  # the tied head's dW needs the final norm output
     head = c.dim + 1 + head_input + c.vocab_size  # final norm (input, 1/rms), softmax probabilities
     rope = 2 * seq * c.head_dim  # cos and sin tables, shared by the layers
     return p.activation * (batch * seq * (blocks + head) + rope)
+
+
+def _block_elements(c: LlamaConfig, method: str, o: MethodOptions, seq: int) -> int:
+    lora_r = o.lora_r if method in ("lora", "qlora") else 0
+    return block_activation_elements(c, seq, trained_linears(method, o), lora_r)
+
+
+def recompute_bytes(c: LlamaConfig, method: str, o: MethodOptions, batch: int, seq: int,
+                    p: Precision = MINIFT) -> int:
+    """With checkpointing, the activations of the one block that backward is recomputing: they
+    exist only while its local backward runs, so they count in the peak, not in ``activations``."""
+    if not p.checkpointing or c.n_layers == _frozen_blocks(c, method, o):
+        return 0
+    return p.activation * batch * seq * _block_elements(c, method, o, seq)
 
 
 def largest_temporary(c: LlamaConfig, method: str, batch: int, seq: int, p: Precision = MINIFT) -> int:
@@ -218,15 +232,22 @@ def predict(c: LlamaConfig, method: str, batch: int, seq: int, options: MethodOp
     rows["gradients"] = p.grad * trainable
     rows["optimizer state"] = (p.master + p.moments) * trainable
     rows["activations"] = activation_bytes(c, method, o, batch, seq, p)
-    rows["peak"] = _peak(rows, largest_temporary(c, method, batch, seq, p), update_temporary(c, method, o))
+    rows["peak"] = _peak(rows, largest_temporary(c, method, batch, seq, p), update_temporary(c, method, o),
+                         recompute_bytes(c, method, o, batch, seq, p))
     return rows
 
 
-def _peak(rows: dict[str, int], activation_scratch: int, update_scratch: int) -> int:
+def _peak(rows: dict[str, int], activation_scratch: int, update_scratch: int, recompute: int = 0) -> int:
     """Weights and optimizer state live throughout; on top, either the forward/backward (saved
-    activations plus one op's scratch) or the update (all gradients plus its scratch)."""
+    activations plus one op's scratch) or the update (all gradients plus its scratch).
+
+    With checkpointing (``recompute`` > 0: one block's activations) the backward's memory no
+    longer shrinks as it goes while the gradients grow: the first block is recomputed when
+    nearly every gradient exists already, so the backward holds the larger of the kept inputs
+    and the gradients, plus one block and one op's scratch."""
     stored = sum(rows[r] for r in ROWS[:3]) + rows["optimizer state"]
-    return stored + max(rows["activations"] + activation_scratch, rows["gradients"] + update_scratch)
+    backward = max(rows["activations"], rows["gradients"]) + recompute if recompute else rows["activations"]
+    return stored + max(backward + activation_scratch, rows["gradients"] + update_scratch)
 
 
 # ---- measuring a real step --------------------------------------------------------------------
@@ -238,13 +259,14 @@ def _token_batches(c: LlamaConfig, batch: int, seq: int, seed: int) -> DataLoade
 
 
 def measure(model: Module, method: str, batch: int, seq: int, options: MethodOptions | None = None,
-            seed: int = 0) -> dict[str, int]:
+            seed: int = 0, checkpointing: bool = False) -> dict[str, int]:
     """The ledger's rows read from ``tracemalloc`` during real ``Trainer`` steps on random tokens.
 
     A copy of ``model`` is prepared for ``method`` under tracing (weights = what that allocates),
     one step creates the optimizer state, and a second step is watched: activations when the
     loss is computed, gradients just before ``optimizer.step()``, and the peak of the step.
-    The storage split of the weights is read from the arrays' ``nbytes``.
+    The storage split of the weights is read from the arrays' ``nbytes``. ``checkpointing``
+    turns on the prepared model's gradient checkpointing.
     """
     c, o = model.config, options or MethodOptions()
     loader = _token_batches(c, batch, seq, seed)
@@ -265,6 +287,8 @@ def measure(model: Module, method: str, batch: int, seq: int, options: MethodOpt
         start = current()
         prepared, _ = prepare_model(copy.deepcopy(model), method, o)
         weights = current() - start
+        if checkpointing:
+            prepared.gradient_checkpointing_enable()
         trainer = Trainer(prepared, TrainConfig(max_steps=2, progress=False, plot=False, warmup_ratio=0.0),
                           loader, loss_fn=loss_fn)
         step = trainer.optimizer.step
@@ -315,13 +339,15 @@ class Ledger:
     seq: int
     predicted: dict[str, int]
     measured: dict[str, int]
+    checkpointing: bool = False
 
     def error(self, row: str) -> float:
         """(predicted - measured) / measured."""
         return (self.predicted[row] - self.measured[row]) / max(self.measured[row], 1)
 
     def __str__(self) -> str:
-        lines = [f"memory ledger: method {self.method}, batch {self.batch} x {self.seq} tokens (MiB)",
+        recompute = ", gradient checkpointing" if self.checkpointing else ""
+        lines = [f"memory ledger: method {self.method}{recompute}, batch {self.batch} x {self.seq} tokens (MiB)",
                  f"{'':<20}{'predicted':>10}{'measured':>10}{'diff':>8}"]
         for row in ROWS:
             p, m = self.predicted[row], self.measured[row]
@@ -330,10 +356,12 @@ class Ledger:
         return "\n".join(lines)
 
 
-def ledger(model: Module, method: str, batch: int, seq: int, options: MethodOptions | None = None) -> Ledger:
+def ledger(model: Module, method: str, batch: int, seq: int, options: MethodOptions | None = None,
+           checkpointing: bool = False) -> Ledger:
     """Predict and measure the memory of one training step of ``model`` with ``method``."""
-    predicted = predict(model.config, method, batch, seq, options)
-    return Ledger(method, batch, seq, predicted, measure(model, method, batch, seq, options))
+    predicted = predict(model.config, method, batch, seq, options, Precision(checkpointing=checkpointing))
+    measured = measure(model, method, batch, seq, options, checkpointing=checkpointing)
+    return Ledger(method, batch, seq, predicted, measured, checkpointing)
 
 
 # ---- lecture 003's table at scale ----------------------------------------------------------------
@@ -362,7 +390,8 @@ def projection(params: float, seq: int = 2048, batch: int = 1, lora_r: int = 8,
         per_parameter = set(ROWS[:3]) | ({"gradients", "optimizer state"} if method == "full" else set())
         rows = {r: round(v * scale) if r in per_parameter else v for r, v in rows.items()}
         rows["peak"] = _peak(rows, largest_temporary(shape, method, batch, seq, precision),
-                             round(scale * update_temporary(shape, method, options)))
+                             round(scale * update_temporary(shape, method, options)),
+                             recompute_bytes(shape, method, options, batch, seq, precision))
         table[method] = rows
     return table
 
