@@ -141,7 +141,8 @@ def cmd_finetune(args) -> None:
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     print(trainable_report(model))
-    dataset = InstructionDataset(args.data, tok, model.config.max_seq_len, system_prompt=system)
+    data = args.data or bundled_path("insurer_train.jsonl")
+    dataset = InstructionDataset(data, tok, model.config.max_seq_len, system_prompt=system)
     loader = DataLoader(dataset, args.batch_size, seed=args.seed, pad_id=tok.pad_id)
     eval_loader = None
     if args.eval_data:
@@ -499,9 +500,8 @@ minift finetune --model smollm2 --method lora --steps 20 --lr 1e-3 --out runs/sm
 minift finetune --model smollm2 --method qlora --data my.jsonl --eval-data held.jsonl --eval-every 10 --out runs/q""",
                  cmd_finetune)
     p.add_argument("--model", required=True, help="a model folder, a .gguf file, or smollm2")
-    p.add_argument("--data", default=str(bundled_path("insurer_train.jsonl")),
-                   help="instruction JSONL, one chat ({\"messages\": [...]}) or Alpaca record per line; the "
-                   "default is the bundled insurer set")
+    p.add_argument("--data", help="instruction JSONL, one chat ({\"messages\": [...]}) or Alpaca record per line "
+                   "(default: the bundled insurer set)")
     p.add_argument("--eval-data", help="held-out JSONL in the same format: its loss every --eval-every steps")
     p.add_argument("--method", default="full", choices=METHODS, help="which weights train (docs/training.md)")
     p.add_argument("--layers", type=int, help="blocks to freeze from the bottom (freeze) or to train on top (last)")
