@@ -157,8 +157,9 @@ def _save_trained(model, tok, args, options: MethodOptions) -> None:
     --save-merged the merged model too), any other run the whole model."""
     if isinstance(model, PeftModel):
         # the base is named as PEFT needs it (hub id or absolute path), so the adapter folder stands alone
+        started_from = adapter_of(args.model)  # DPO after a LoRA run: name that run's base, not the run
         model.peft_config[model.active_adapter].base_model_name_or_path = base_model_reference(
-            adapter_base_name(adapter_of(args.model)) if adapter_of(args.model) else args.model)
+            adapter_base_name(started_from) if started_from else args.model)
         model.save_pretrained(Path(args.out) / "adapter")
         print(f"LoRA adapter saved in PEFT format to {Path(args.out) / 'adapter'} (base: {args.model})")
         if not args.save_merged:
@@ -212,7 +213,9 @@ def cmd_dpo(args) -> None:
 
 def _report_preferences(trainer) -> None:
     """The held-out pairs after training, and the warning sign of over-optimization."""
-    loss = trainer.evaluate()
+    h = trainer.history
+    evaluated_now = trainer.eval_metrics and h.eval_steps and h.eval_steps[-1] == trainer.step
+    loss = h.eval_losses[-1] if evaluated_now else trainer.evaluate()  # the last step's eval, when there was one
     m = trainer.eval_metrics
     print(f"held-out pairs: loss {loss:.4f} (ln 2 = 0.6931 at the start), reward accuracy "
           f"{m['eval_rewards/accuracies']:.2f}, margin {m['eval_rewards/margins']:+.3f}, "

@@ -29,7 +29,7 @@ class DataError(ValueError):
 # ---- reading JSONL -----------------------------------------------------------------------
 
 
-def _numbered_objects(path: str | os.PathLike) -> list[tuple[str, dict]]:
+def numbered_objects(path: str | os.PathLike) -> list[tuple[str, dict]]:
     """(``"file:line"``, object) for every non-blank line; a line that is not UTF-8, not JSON,
     nested too deep to parse, or not an object raises ``DataError`` naming ``file:line``."""
     if os.path.isdir(path):
@@ -76,7 +76,7 @@ def _require_string(record: Mapping, key: str, where: str, optional: bool = Fals
         raise DataError(f"{where}: field {key!r} must be a string, got {type(record[key]).__name__}")
 
 
-def _check_messages(messages, where: str) -> None:
+def check_messages(messages, where: str) -> None:
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: 'messages' must be a non-empty list")
     for i, m in enumerate(messages):
@@ -100,7 +100,7 @@ def check_record(record, where: str) -> None:
     if "messages" in record:
         if "instruction" in record:
             raise DataError(f"{where}: has both 'messages' and 'instruction'; use one shape")
-        _check_messages(record["messages"], where)
+        check_messages(record["messages"], where)
         return
     _require_string(record, "instruction", where)
     _require_string(record, "input", where, optional=True)
@@ -111,7 +111,7 @@ def check_record(record, where: str) -> None:
 
 def load_jsonl(path: str | os.PathLike) -> list[dict]:
     """Instruction or chat records of a JSONL file, each checked; errors name ``file:line``."""
-    rows = _numbered_objects(path)
+    rows = numbered_objects(path)
     for where, record in rows:
         check_record(record, where)
     return [record for _, record in rows]
@@ -124,7 +124,7 @@ def load_qa(path: str | os.PathLike) -> list[dict]:
     likelihood; ``cloze`` is a statement the answer completes, for a base model that was never
     taught to answer questions.
     """
-    rows = _numbered_objects(path)
+    rows = numbered_objects(path)
     for where, record in rows:
         for key in ("question", "answer"):
             _require_string(record, key, where)
@@ -181,7 +181,7 @@ def chat_pieces(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]]) -> 
 
 
 def _within_budget(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]], max_len: int, truncate: bool,
-                   name: str) -> Sequence[Mapping[str, str]]:
+                   name: str, remedy: str) -> Sequence[Mapping[str, str]]:
     """``messages``, checked by length *before* tokenizing: a content of more than ``budget``
     characters cannot fit ``max_len`` tokens, because one token spells at most
     ``tokenizer.max_token_bytes`` bytes (1 for the byte tokenizer). Refusing it (or cutting it to
@@ -198,12 +198,13 @@ def _within_budget(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]], 
     if not truncate:
         chars = len(messages[long[0]]["content"])
         raise DataError(f"{name} is too long: message {long[0]} has {chars:,} characters, more than "
-                        f"max_len={max_len} tokens can hold; shorten it, raise max_len, or pass truncate=True")
+                        f"max_len={max_len} tokens can hold; {remedy}")
     return [{**m, "content": m["content"][:2 * budget]} for m in messages]
 
 
 def encode_example(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]], max_len: int, *,
-                   truncate: bool = False, index: int | None = None) -> tuple[numpy.ndarray, numpy.ndarray]:
+                   truncate: bool = False, index: int | None = None,
+                   last_turn_only: bool = False) -> tuple[numpy.ndarray, numpy.ndarray]:
     """``(input_ids, labels)`` of one conversation, int64 arrays of equal length <= ``max_len``.
 
     Let ``s`` be the ids of the whole rendered chat (``render_chatml(messages)``). Then
@@ -219,18 +220,26 @@ def encode_example(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]], 
     prompt, whose easy tokens would also dilute the loss that measures the answers. Counting
     ``<|im_end|>`` teaches the model to *stop* after its answer (``eos_id``).
 
+    ``last_turn_only``: only the final message (an assistant's) is a target; earlier assistant
+    turns count as prompt. That is how preference tuning scores an answer to a conversation
+    (``minift.data.preference``), and such an answer is never cut: it must fit whole.
+
     ``max_len`` bounds ``len(input_ids)`` (the model's context). A longer chat raises ``DataError``,
     or with ``truncate=True`` is cut to its first ``max_len + 1`` ids.
     """
+    if truncate and last_turn_only:
+        raise ValueError("encode_example: an answer scored alone (last_turn_only) must not be truncated")
     name = "example" if index is None else f"example {index}"
-    messages = _within_budget(tokenizer, messages, max_len, truncate, name)
+    remedy = "shorten it or raise max_len" + ("" if last_turn_only else ", or pass truncate=True")
+    messages = _within_budget(tokenizer, messages, max_len, truncate, name, remedy)
     pieces = chat_pieces(tokenizer, messages)
+    if last_turn_only:  # the last message is the last four pieces (header, content, end, newline)
+        pieces = [(ids, False) for ids, _ in pieces[:-4]] + pieces[-4:]
     ids = numpy.array([i for p, _ in pieces for i in p], dtype=numpy.int64)
     target = numpy.array([t for p, t in pieces for _ in p], dtype=bool)
     if len(ids) - 1 > max_len:
         if not truncate:
-            raise DataError(f"{name} is {len(ids) - 1} tokens long but max_len is {max_len}; "
-                            f"shorten it, raise max_len, or pass truncate=True")
+            raise DataError(f"{name} is {len(ids) - 1} tokens long but max_len is {max_len}; {remedy}")
         ids, target = ids[:max_len + 1], target[:max_len + 1]
     labels = numpy.where(target[1:], ids[1:], IGNORE_INDEX)
     if not (labels != IGNORE_INDEX).any():

@@ -26,14 +26,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy
 
-from minift.data.instructions import (
-    IGNORE_INDEX,
-    DataError,
-    _check_messages,
-    _numbered_objects,
-    chat_pieces,
-    encode_example,
-)
+from minift.data.instructions import DataError, check_messages, encode_example, numbered_objects
 from minift.data.loader import collate
 from minift.data.tokenizer import Tokenizer
 
@@ -51,8 +44,8 @@ def _prompt_messages(record: Mapping, where: str) -> list[dict]:
         return [{"role": "user", "content": prompt}]
     if not isinstance(prompt, list) or not prompt:
         raise DataError(f"{where}: {key!r} must be a string or a non-empty list of messages")
-    # _check_messages wants a final assistant turn; check the prompt as if the answer followed
-    _check_messages([*prompt, {"role": "assistant", "content": ""}], f"{where}: {key}")
+    # check_messages wants a final assistant turn; check the prompt as if the answer followed
+    check_messages([*prompt, {"role": "assistant", "content": ""}], f"{where}: {key}")
     if prompt[-1]["role"] != "user":
         raise DataError(f"{where}: the last message of {key!r} must be the user's (the answers reply to it)")
     return [{"role": m["role"], "content": m["content"]} for m in prompt]
@@ -90,7 +83,7 @@ def check_preference(record, where: str) -> tuple[list[dict], str, str]:
 
 def load_preferences(path: str | os.PathLike) -> list[dict]:
     """The preference records of a JSONL file, each checked; errors name ``file:line``."""
-    rows = _numbered_objects(path)
+    rows = numbered_objects(path)
     for where, record in rows:
         check_preference(record, where)
     return [record for _, record in rows]
@@ -98,22 +91,16 @@ def load_preferences(path: str | os.PathLike) -> list[dict]:
 
 def encode_answer(tokenizer: Tokenizer, prompt: Sequence[Mapping[str, str]], answer: str, max_len: int,
                   name: str) -> tuple[numpy.ndarray, numpy.ndarray]:
-    """``(input_ids, labels)`` of prompt + answer with labels on the answer (and its end) only.
-
-    ``encode_example`` already masks system and user turns; an assistant turn *inside* the
-    prompt would still be a target there, so every label before the prompt's last token is
-    masked too. The rendering is per message, so the prompt's tokens are the same prefix in the
-    chosen and the rejected sequence.
-    """
-    messages = [*prompt, {"role": "assistant", "content": answer}]
-    length = sum(len(piece) for piece, _ in chat_pieces(tokenizer, messages)) - 1
-    if length > max_len:  # never truncate: a cut answer would be scored as if it were the whole one
-        raise DataError(f"{name} is {length} tokens long but max_len is {max_len}; shorten the prompt "
-                        f"or the answer, or raise max_len")
-    ids, labels = encode_example(tokenizer, messages, max_len)
-    prompt_len = sum(len(piece) for piece, _ in chat_pieces(tokenizer, prompt))
-    labels[:prompt_len - 1] = IGNORE_INDEX
-    return ids, labels
+    """``(input_ids, labels)`` of prompt + answer with labels on the answer (and its end) only,
+    an assistant turn inside the prompt included (``encode_example(last_turn_only=True)``). The
+    rendering is per message, so the prompt's tokens are the same prefix on both sides of a pair.
+    A pair that does not fit ``max_len`` is refused, never cut: a cut answer would be scored as
+    if it were the whole one."""
+    try:
+        return encode_example(tokenizer, [*prompt, {"role": "assistant", "content": answer}], max_len,
+                              last_turn_only=True)
+    except DataError as e:
+        raise DataError(f"{name}: {e}") from None
 
 
 class PreferenceDataset:
@@ -129,7 +116,7 @@ class PreferenceDataset:
         #: precomputed them; batches then carry them as ``reference_logprobs``.
         self.reference_logprobs: numpy.ndarray | None = None
         if isinstance(source, (str, os.PathLike)):
-            rows = _numbered_objects(source)
+            rows = numbered_objects(source)
         else:
             rows = [(f"record {i}", r) for i, r in enumerate(source)]
         if not rows:

@@ -22,13 +22,13 @@ continues from its checkpoint, and the end result is the one an uninterrupted ru
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from minift.data import ByteTokenizer, DataLoader, TextDataset, bundled_path, load_jsonl
+from minift.io import atomic_write_bytes
 from minift.models import LlamaConfig, LlamaForCausalLM
 from minift.nn import dequantize_model
 from minift.peft import PeftModel
@@ -167,7 +167,7 @@ def run_demo(out_dir: str | Path = "runs/demo", settings: DemoSettings | None = 
             report_delta(delta_report(base.state_dict(), model), out_dir / "delta_spectrum.png")
         if name != "pretrained":
             save_finetuned(model, tok, name, out_dir / name)
-        write_json_atomically(out_dir / STAGES / f"{name}.json", done[name])
+        atomic_write_bytes(out_dir / STAGES / f"{name}.json", [json.dumps(done[name], indent=2).encode()])
     results = {name: done[name] for name in ("pretrained", *settings.methods)}
     report(results, questions, out_dir)
     explain(results, settings, base.num_parameters(), out_dir)
@@ -207,17 +207,8 @@ def open_run_folder(out_dir: Path, settings: DemoSettings, resume: bool, overwri
             shutil.rmtree(out_dir / name, ignore_errors=True)
         for name in (SETTINGS_RECORD, "results.json", "forgetting.png", "delta_spectrum.png"):
             (out_dir / name).unlink(missing_ok=True)
-    write_json_atomically(record, wanted)
+    atomic_write_bytes(record, [json.dumps(wanted, indent=2).encode()])
     return {}
-
-
-def write_json_atomically(path: Path, data) -> None:
-    """Write to a temporary file, then rename it over ``path``: a Ctrl-C or a crash mid-write
-    leaves the old file or the new one, never half a record that a resume would trust."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def _question(record: dict) -> str:

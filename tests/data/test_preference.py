@@ -74,11 +74,19 @@ def test_bad_records_name_the_line_and_the_problem(tmp_path, record, message):
 
 
 def test_a_pair_longer_than_the_context_is_refused_naming_its_side():
-    with pytest.raises(DataError, match=r"record 0 \(rejected\) is 2\d\d tokens long but max_len is 80"):
-        PreferenceDataset([{**PAIR, "rejected": "x" * 200}], TOK, 80)
+    with pytest.raises(DataError, match=r"record 0 \(rejected\): .* max_len=80 .*; shorten it or raise max_len$"):
+        PreferenceDataset([{**PAIR, "rejected": "x" * 200}], TOK, 80)  # refused by length, before tokenizing
+    with pytest.raises(DataError, match=r"record 0 \(chosen\): .* tokens long but max_len is 40; shorten it or"):
+        PreferenceDataset([PAIR], TOK, 40)  # the prompt alone does not fit: found once tokenized
 
 
 def test_the_bundled_preference_sets_load():
     for name in ("insurer_preferences_train.jsonl", "insurer_preferences_eval.jsonl"):
         records = load_preferences(bundled_path(name))
         assert len(PreferenceDataset(records, TOK, 512)) == len(records) > 40
+
+
+def test_an_answer_scored_alone_is_never_truncated():
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    with pytest.raises(ValueError, match="must not be truncated"):
+        encode_example(TOK, messages, 64, truncate=True, last_turn_only=True)
