@@ -1,6 +1,7 @@
 """A training step on SmolLM2-135M, minift vs PyTorch (+ PEFT, + bitsandbytes), side by side.
 
     python benchmarks/step_vs_torch.py [--methods full lora qlora] [--steps 5] [--threads 2]
+                                       [--checkpointing off on] [--allocators default keep]
 
 Three methods on the same batch of 4 x 128 random token ids, float32, from the same weights
 (the GGUF file, dequantized to float32 by each side):
@@ -10,8 +11,16 @@ Three methods on the same batch of 4 x 128 random token ids, float32, from the s
 * ``qlora`` — the same LoRA on a base whose seven linear layers per block are NF4 with double
   quantization, block 64 (bitsandbytes' ``Linear4bit`` on the CPU on the PyTorch side).
 
+Every method also runs with gradient checkpointing on both sides (``--checkpointing on``):
+minift's ``model.gradient_checkpointing_enable()`` (minift/autograd/checkpointing.py), and
+transformers' ``gradient_checkpointing_enable()`` (``torch.utils.checkpoint`` around each decoder
+layer). For LoRA and QLoRA the PyTorch side also calls ``enable_input_require_grads()`` before
+``get_peft_model``, as PEFT's documentation says to: with a frozen embedding the checkpointed
+layers' input would not require a gradient, and reentrant checkpointing would then skip the
+backward through them (the LoRA weights would get no gradient).
+
 One step is forward, cross-entropy, backward, gradient clipping at 1.0, AdamW, zero_grad. Each
-(side, method) runs in its own fresh process, so its peak resident memory is its own: the peak
+(side, method, checkpointing) runs in its own fresh process, so its peak resident memory is its own: the peak
 is reset (``/proc/self/clear_refs``) once the model and optimizer exist, and read back after the
 steps (after ``malloc_trim``, so what loading freed — the float weights replaced by NF4 codes —
 is not counted). The first step is a warm-up; the median of the next ``--steps`` is reported. Both sides
@@ -19,14 +28,15 @@ get the same number of BLAS / intra-op threads, and a fresh process each, one af
 
 Every process runs twice: with glibc's default ``malloc`` settings and with
 ``minift.allocator.keep_freed_memory`` (freed memory kept for reuse, see minift/allocator.py),
-which changes how much time goes to page faults — for both libraries.
+which changes how much time goes to page faults — for both libraries (``--allocators`` picks).
 
 MFU (model FLOPs utilisation) = the FLOPs a step needs / step time / the machine's matmul peak.
 The peak is measured here: the best of NumPy float32 products of SmolLM2's own shapes and a
 2048^3 one. The FLOPs a step needs are counted from the architecture (``step_flops``): every
 linear layer's forward (2 per weight per token), its input gradient (2 more) everywhere, its
 weight gradient (2 more) only where the weight is trained, and the attention products. minift's
-count of the matmuls it actually ran is printed beside it as a check.
+count of the matmuls it actually ran is printed beside it as a check. Checkpointing's recomputed
+forward is not in the needed FLOPs: it is overhead, so it lowers the MFU, as it should.
 
 Writes results/step_vs_torch.json and results/step_vs_torch.png. Needs the ``interop`` extra.
 """
@@ -51,6 +61,8 @@ from minift.models import ATTENTION_PROJECTIONS, BLOCK_PROJECTIONS  # NumPy only
 METHODS = ("full", "lora", "qlora")
 SIDES = ("minift", "torch")
 ALLOCATORS = ("glibc default", "keep freed memory")
+ALLOCATOR_FLAGS = {"default": ALLOCATORS[0], "keep": ALLOCATORS[1]}
+CHECKPOINTING = {"off": False, "on": True}
 TARGETS = list(ATTENTION_PROJECTIONS)
 BATCH, SEQ, VOCAB = 4, 128, 49152
 LR, LORA_R, LORA_ALPHA = 1e-4, 8, 16
@@ -105,7 +117,7 @@ def _seconds(fn) -> float:
 
 
 # ---- one side, one method, in its own process ----------------------------------------------------
-def minift_step(method: str, ids, targets):
+def minift_step(method: str, ids, targets, checkpointing: bool):
     import minift.autograd.functional as F
     from minift import load_pretrained
     from minift.autograd import elementwise
@@ -115,6 +127,8 @@ def minift_step(method: str, ids, targets):
     base, _ = load_pretrained("smollm2")
     options = MethodOptions(lora_r=LORA_R, lora_alpha=LORA_ALPHA, lora_targets=tuple(TARGETS))
     model, _ = prepare_model(base, method, options)
+    if checkpointing:
+        model.gradient_checkpointing_enable()
     params = model.parameters(trainable_only=True)
     optimizer = AdamW(params, lr=LR, weight_decay=0.0)
     executed = [0.0]
@@ -145,7 +159,7 @@ def minift_step(method: str, ids, targets):
     return step, base.config, count_one_step
 
 
-def torch_step(method: str, ids, targets):
+def torch_step(method: str, ids, targets, checkpointing: bool):
     import peft
     import torch
     from transformers import AutoModelForCausalLM
@@ -156,6 +170,11 @@ def torch_step(method: str, ids, targets):
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32)
     if method == "qlora":
         quantize_linears_with_bitsandbytes(model)
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+        if method in ("lora", "qlora"):
+            model.enable_input_require_grads()
+    model.train()  # transformers checkpoints only in training mode (dropout is 0: nothing else changes)
     if method in ("lora", "qlora"):
         config = peft.LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules=TARGETS, lora_dropout=0.0)
         model = peft.get_peft_model(model, config)
@@ -164,7 +183,7 @@ def torch_step(method: str, ids, targets):
     ids_t, targets_t = torch.from_numpy(ids), torch.from_numpy(targets)
 
     def step():
-        logits = model(ids_t).logits
+        logits = model(ids_t, use_cache=False).logits
         torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets_t.reshape(-1)).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -211,7 +230,7 @@ def release_free_memory() -> None:
     ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
 
 
-def worker(side: str, method: str, allocator: str, threads: int, steps: int) -> dict:
+def worker(side: str, method: str, allocator: str, checkpointing: str, threads: int, steps: int) -> dict:
     import gc
 
     from threadpoolctl import threadpool_limits
@@ -224,7 +243,8 @@ def worker(side: str, method: str, allocator: str, threads: int, steps: int) -> 
     ids = rng.integers(0, VOCAB, (BATCH, SEQ))
     targets = rng.integers(0, VOCAB, (BATCH, SEQ))
     with threadpool_limits(threads):
-        step, config, count_one_step = (minift_step if side == "minift" else torch_step)(method, ids, targets)
+        make_step = minift_step if side == "minift" else torch_step
+        step, config, count_one_step = make_step(method, ids, targets, CHECKPOINTING[checkpointing])
         gc.collect()
         release_free_memory()  # loading's garbage (float weights replaced by NF4 codes) is not the method's
         if allocator == "keep freed memory":
@@ -236,6 +256,7 @@ def worker(side: str, method: str, allocator: str, threads: int, steps: int) -> 
         step()  # warm-up: optimizer state, first-touch of every buffer
         times = [_seconds(step) for _ in range(steps)]
         result = {"side": side, "method": method, "allocator": allocator, "threads": threads,
+                  "checkpointing": CHECKPOINTING[checkpointing],
                   "median_s": statistics.median(times), "times_s": times, "start_rss_mib": start_rss,
                   "peak_rss_mib": rss_mib("VmHWM")}
         if count_one_step is not None:
@@ -254,36 +275,68 @@ def run_in_fresh_process(args: list[str], threads: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _mode(row: dict) -> str:
+    return "checkpointed" if row["checkpointing"] else "plain"
+
+
 def print_table(rows: list[dict], peak: float) -> None:
     print(f"\nSmolLM2-135M, batch {BATCH}x{SEQ}, float32; MFU against a measured matmul peak of "
           f"{peak:.0f} GFLOP/s")
-    print(f"{'method':7} {'side':7} {'allocator':18} {'median s':>9} {'tokens/s':>9} {'peak RSS MiB':>13} {'MFU':>6}")
+    print(f"{'method':7} {'mode':12} {'side':7} {'allocator':18} {'median s':>9} {'tokens/s':>9} "
+          f"{'peak RSS MiB':>13} {'MFU':>6}")
     for row in rows:
-        print(f"{row['method']:7} {row['side']:7} {row['allocator']:18} {row['median_s']:9.2f} "
+        print(f"{row['method']:7} {_mode(row):12} {row['side']:7} {row['allocator']:18} {row['median_s']:9.2f} "
               f"{row['tokens_per_s']:9.0f} {row['peak_rss_mib']:13.0f} {row['mfu']:6.1%}")
 
 
-def plot(rows: list[dict], methods: list[str], path: Path) -> None:
+def find(rows: list[dict], method: str, side: str, allocator: str, checkpointing: bool) -> dict | None:
+    """The one row of this cell, or None where it was not run."""
+    key = (method, side, allocator, checkpointing)
+    return next((r for r in rows if (r["method"], r["side"], r["allocator"], r["checkpointing"]) == key), None)
+
+
+def print_ratios(rows: list[dict], allocator: str) -> None:
+    """The ratios issue 19 sets targets for, under one allocator setting."""
+    print(f"\nratios ({allocator}):")
+    for row in rows:
+        if row["side"] != "minift" or row["allocator"] != allocator:
+            continue
+        peer = find(rows, row["method"], "torch", allocator, row["checkpointing"])
+        plain = find(rows, row["method"], "minift", allocator, False)
+        line = f"  {row['method']:6} {_mode(row):12}"
+        if peer:
+            line += (f" time {row['median_s'] / peer['median_s']:.2f}x PyTorch's,"
+                     f" peak {row['peak_rss_mib'] / peer['peak_rss_mib']:.2f}x PyTorch's")
+        if row["checkpointing"] and plain:
+            line += f"; {row['median_s'] / plain['median_s']:.2f}x the plain step's time"
+        lora = find(rows, "lora", "minift", allocator, False)
+        if lora and row["method"] in ("lora", "qlora"):
+            line += f"; peak {row['peak_rss_mib'] / lora['peak_rss_mib']:.2f}x plain LoRA's"
+        print(line)
+
+
+def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(11, 4))
-    series = [(side, alloc) for side in SIDES for alloc in ALLOCATORS]
+    cells = list(dict.fromkeys((r["method"], r["checkpointing"]) for r in rows))
+    series = list(dict.fromkeys((r["side"], r["allocator"]) for r in rows))
+    fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(12, 4.2))
     width = 0.8 / len(series)
     for i, (side, alloc) in enumerate(series):
-        chosen = [next(r for r in rows if (r["method"], r["side"], r["allocator"]) == (m, side, alloc))
-                  for m in methods]
-        xs = np.arange(len(methods)) + (i - (len(series) - 1) / 2) * width
+        xs = np.arange(len(cells)) + (i - (len(series) - 1) / 2) * width
+        chosen = [find(rows, m, side, alloc, ckpt) for m, ckpt in cells]
         label = f"{'minift' if side == 'minift' else 'PyTorch'}, {alloc}"
         ax_time.bar(xs, [r["median_s"] for r in chosen], width, label=label)
         ax_mem.bar(xs, [r["peak_rss_mib"] for r in chosen], width, label=label)
+    names = [f"{m}\n+ ckpt" if ckpt else m for m, ckpt in cells]
     for ax, title in ((ax_time, "median step time (s)"), (ax_mem, "peak RSS during training (MiB)")):
-        ax.set_xticks(range(len(methods)), methods)
+        ax.set_xticks(range(len(cells)), names)
         ax.set_title(title)
     ax_time.legend(fontsize=8)
-    fig.suptitle(f"SmolLM2-135M training step, batch {BATCH}x{SEQ}, float32")
+    fig.suptitle(f"SmolLM2-135M training step, batch {BATCH}x{SEQ}, float32 (ckpt: gradient checkpointing)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -293,7 +346,12 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--worker", nargs=3, metavar=("SIDE", "METHOD", "ALLOCATOR"), help=argparse.SUPPRESS)
+    parser.add_argument("--checkpointing", nargs="+", choices=list(CHECKPOINTING), default=list(CHECKPOINTING),
+                        help="plain steps (off), gradient-checkpointed ones (on), or both")
+    parser.add_argument("--allocators", nargs="+", choices=list(ALLOCATOR_FLAGS), default=list(ALLOCATOR_FLAGS),
+                        help="glibc's default malloc settings, minift.allocator.keep_freed_memory, or both")
+    parser.add_argument("--worker", nargs=4, metavar=("SIDE", "METHOD", "ALLOCATOR", "CHECKPOINTING"),
+                        help=argparse.SUPPRESS)
     parser.add_argument("--peak", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -307,29 +365,34 @@ def main() -> None:
     rates = run_in_fresh_process(["--peak", *common], args.threads)
     peak = max(rates.values())
     print("matmul GFLOP/s:", {k: round(v) for k, v in rates.items()})
+    allocators = [ALLOCATOR_FLAGS[a] for a in args.allocators]
     rows = []
     for method in args.methods:
-        for allocator in ALLOCATORS:
-            for side in SIDES:
-                row = run_in_fresh_process(["--worker", side, method, allocator, *common], args.threads)
-                print(f"  {method:6} {side:7} {allocator:18} {row['median_s']:.2f} s  "
-                      f"peak RSS {row['peak_rss_mib']:.0f} MiB")
-                rows.append(row)
+        for checkpointing in args.checkpointing:
+            for allocator in allocators:
+                for side in SIDES:
+                    row = run_in_fresh_process(["--worker", side, method, allocator, checkpointing, *common],
+                                               args.threads)
+                    print(f"  {method:6} {_mode(row):12} {side:7} {allocator:18} {row['median_s']:.2f} s  "
+                          f"peak RSS {row['peak_rss_mib']:.0f} MiB")
+                    rows.append(row)
     needed = {r["method"]: r["needed_gflop"] for r in rows if "needed_gflop" in r}
     for row in rows:
         row["tokens_per_s"] = BATCH * SEQ / row["median_s"]
         row["mfu"] = needed[row["method"]] / row["median_s"] / peak
     print_table(rows, peak)
-    for method in args.methods:
-        ours = next(r for r in rows if (r["method"], r["side"], r["allocator"]) == (method, "minift", ALLOCATORS[1]))
-        print(f"  {method}: minift ran {ours['executed_gflop']:.1f} GFLOP of matmuls, "
-              f"the step needs {needed[method]:.1f}")
+    for allocator in allocators:
+        print_ratios(rows, allocator)
+    for row in rows:
+        if row["side"] == "minift" and row["allocator"] == allocators[-1]:
+            print(f"  {row['method']} {_mode(row)}: minift ran {row['executed_gflop']:.1f} GFLOP of matmuls, "
+                  f"the step needs {needed[row['method']]:.1f}")
     RESULTS.mkdir(exist_ok=True)
     summary = {"date": date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
                f"{os.cpu_count()} cores, {args.threads} threads", "batch": f"{BATCH}x{SEQ}",
-               "matmul_gflops": rates, "peak_gflops": peak, "rows": rows}
+               "load_average": os.getloadavg(), "matmul_gflops": rates, "peak_gflops": peak, "rows": rows}
     (RESULTS / "step_vs_torch.json").write_text(json.dumps(summary, indent=2))
-    plot(rows, args.methods, RESULTS / "step_vs_torch.png")
+    plot(rows, RESULTS / "step_vs_torch.png")
     print(f"written: {RESULTS / 'step_vs_torch.json'}, {RESULTS / 'step_vs_torch.png'}")
 
 

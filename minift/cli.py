@@ -13,10 +13,11 @@
     minift dpo --model smollm2 --out runs/smol-dpo   preference tuning (DPO) on the bundled insurer pairs
 
     minift serve --model runs/tiny --adapter legal=runs/a/adapter --slots 4 --port 8000   multi-LoRA HTTP
-    minift bench-serve --requests 16 --adapters 4          tokens/s of concurrent multi-adapter requests
+    minift bench-serve --requests 32 --rate 16             load test: throughput, TTFT and latency percentiles
 
     minift memory --params 7e9                    lecture 003's memory table (full / LoRA / QLoRA), assumptions printed
     minift memory --model runs/tiny --method qlora --batch 4 --seq 64     predicted vs measured (tracemalloc)
+    minift memory --model runs/tiny --method lora --compare-checkpointing   measured with and without checkpointing
     minift kernels check                          every CUDA kernel vs its NumPy reference (emulator, GPU)
 
     minift export --model runs/ft --format hf --out exports/ft             a Hugging Face folder (transformers, vLLM)
@@ -43,11 +44,12 @@ except RuntimeError as exc:  # minift.backend.BackendUnavailableError, which nev
 
 from minift.allocator import keep_freed_memory
 from minift.data import ByteTokenizer, DataLoader, InstructionDataset, TextDataset, bundled_path
+from minift.data.packing import collate_packed, pack_examples, padding_share
 from minift.data.preference import PreferenceDataset, collate_pairs
 from minift.io import save_model
 from minift.io.hub import FetchError
 from minift.models.generate import TextStream, stream
-from minift.nn import dequantize_model, trainable_report
+from minift.nn import BASE_DTYPES, cast_frozen, dequantize_model, trainable_report
 from minift.peft import PeftModel
 from minift.studies.demo import DemoSettings, run_demo, tiny_config
 from minift.studies.memory import LEDGER_METHODS
@@ -138,12 +140,15 @@ def cmd_finetune(args) -> None:
                             bottleneck=args.bottleneck, prefix_tokens=args.prefix_tokens, seed=args.seed)
     model, description = prepare_model(model, args.method, options)
     print(description)
+    _store_base(model, args.base_dtype)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     print(trainable_report(model))
     data = args.data or bundled_path("insurer_train.jsonl")
     dataset = InstructionDataset(data, tok, model.config.max_seq_len, system_prompt=system)
     loader = DataLoader(dataset, args.batch_size, seed=args.seed, pad_id=tok.pad_id)
+    if args.packing:
+        loader = _packed_loader(dataset, model.config.max_seq_len, args, tok.pad_id)
     eval_loader = None
     if args.eval_data:
         eval_set = InstructionDataset(args.eval_data, tok, model.config.max_seq_len, system_prompt=system)
@@ -152,9 +157,34 @@ def cmd_finetune(args) -> None:
     _save_trained(model, tok, args, options)
 
 
+def _packed_loader(dataset, context: int, args, pad_id: int) -> DataLoader:
+    """--packing: the examples packed into rows of --pack-len tokens (minift/data/packing.py), with
+    the padding share they save printed. By default a row holds 256 tokens, or the longest example."""
+    longest = max(len(example["input_ids"]) for example in dataset)
+    pack_len = min(args.pack_len or max(256, longest), context)
+    rows = pack_examples(dataset, pack_len)
+
+    def first_epoch(data, **collating):  # a fresh loader: the batches of epoch 0, the cursor untouched
+        return DataLoader(data, args.batch_size, seed=args.seed, pad_id=pad_id, **collating)
+
+    print(f"packing: {len(dataset)} examples in {len(rows)} rows of at most {pack_len} tokens; padding in the "
+          f"first epoch: {padding_share(first_epoch(dataset)):.1%} padded, "
+          f"{padding_share(first_epoch(rows, collate_fn=collate_packed)):.1%} packed")
+    return first_epoch(rows, collate_fn=collate_packed)
+
+
+def _store_base(model, dtype: str) -> None:
+    """--base-dtype: the frozen Linear weights stored in 16 bits, widened per product (docs/training.md)."""
+    if dtype != "float32":
+        names = cast_frozen(model, dtype)
+        print(f"frozen base: {len(names)} Linear weights stored in {dtype}; what trains stays float32")
+
+
 def _save_trained(model, tok, args, options: MethodOptions) -> None:
     """What a finished run leaves in --out: a LoRA run its PEFT adapter in ``adapter/`` (and with
-    --save-merged the merged model too), any other run the whole model."""
+    --save-merged the merged model too), any other run the whole model. A 16-bit base is widened
+    back to float32 first (exact), so every file is float32 as without --base-dtype."""
+    cast_frozen(model, "float32")
     if isinstance(model, PeftModel):
         # the base is named as PEFT needs it (hub id or absolute path), so the adapter folder stands alone
         started_from = adapter_of(args.model)  # DPO after a LoRA run: name that run's base, not the run
@@ -192,6 +222,7 @@ def cmd_dpo(args) -> None:
     else:
         model, description = prepare_model(model, args.method, options)
         print(description)
+    _store_base(model, args.base_dtype)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     print(trainable_report(model))
@@ -343,10 +374,17 @@ def cmd_serve(args) -> None:
     from minift.serve.engine import build_engine  # noqa: PLC0415
     from minift.serve.server import CompletionServer, parse_adapter_specs  # noqa: PLC0415
 
+    if args.allow_runtime_lora != (args.lora_root is not None):
+        raise ValueError("--allow-runtime-lora and --lora-root DIR (the folder whose adapters clients may "
+                         "load) go together; give both or neither")
     model, tok = _load(args.model)
-    engine = build_engine(model, parse_adapter_specs(args.adapter), args.slots, args.max_batch, tok.eos_id)
+    engine = build_engine(model, parse_adapter_specs(args.adapter), args.slots, args.max_batch, tok.eos_id,
+                          quantize=args.quantize, wrap_all=args.allow_runtime_lora,
+                          max_rank=args.max_lora_rank if args.allow_runtime_lora else None)
     server = CompletionServer(engine, tok, port=args.port, window_ms=args.batch_window_ms, verbose=True,
-                              host=args.host, socket_timeout_s=args.socket_timeout)
+                              host=args.host, socket_timeout_s=args.socket_timeout,
+                              allow_runtime_lora=args.allow_runtime_lora, lora_root=args.lora_root,
+                              batching=args.batching)
     print(f"serving models {['base'] + [f'base:{n}' for n in engine.library.names()]} at "
           f"{server.url}/v1/completions and /v1/chat/completions (Ctrl-C stops)")
     try:
@@ -356,26 +394,36 @@ def cmd_serve(args) -> None:
 
 
 def cmd_bench_serve(args) -> None:
+    import json  # noqa: PLC0415
     import tempfile  # noqa: PLC0415
 
     from minift.serve.engine import build_engine  # noqa: PLC0415
     from minift.serve.server import parse_adapter_specs  # noqa: PLC0415
-    from minift.studies.serve_bench import run_bench_serve, synthetic_setup  # noqa: PLC0415
+    from minift.studies.serve_bench import LoadSpec, format_report, run_load, synthetic_setup  # noqa: PLC0415
 
     if args.adapter and not args.model:
         raise ValueError("--adapter needs --model (without both, random adapters on a small model are used)")
+    spec = LoadSpec(args.requests, args.rate, args.prompt_words, args.max_tokens, args.base_share, args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         if args.model:
             (model, tok), adapters = _load(args.model), parse_adapter_specs(args.adapter)
         else:
             model, tok, adapters = synthetic_setup(tmp, args.adapters)
         engine = build_engine(model, adapters, args.slots, args.max_batch, tok.eos_id)
-    r = run_bench_serve(engine, tok, args.requests, args.max_tokens)
-    print(f"bench-serve: {r['requests']} concurrent requests over {r['adapters']} adapters, {args.slots} slots: "
-          f"{r['completion_tokens']} tokens in {r['seconds']:.2f} s = {r['tokens_per_s']:.1f} tokens/s")
-    cache = r["adapter_cache"]
-    print(f"batches run: {r['batch_sizes']}; adapter cache: {cache['hits']} hits, {cache['misses']} misses, "
-          f"{cache['evictions']} evictions, {cache['bytes_moved']} bytes moved")
+    report = run_load(engine, tok, spec, args.batching)
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+def _int_range(text: str) -> tuple[int, int]:
+    """``"8,32"`` -> (8, 32); ``"16"`` -> (16, 16): a range flag, or one value for every request."""
+    try:
+        low, high = (int(part) for part in (text.split(",") if "," in text else [text, text]))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or LOW,HIGH (integers), got {text!r}") from None
+    return low, high
 
 
 def cmd_kernels(args) -> None:
@@ -394,10 +442,17 @@ def cmd_memory(args) -> None:
     if (args.params is None) == (args.model is None):
         raise ValueError("give either --params N (a projection) or --model DIR (predict and measure)")
     if args.params is not None:
+        if args.gradient_checkpointing or args.compare_checkpointing:
+            raise ValueError("minift memory: --gradient-checkpointing and --compare-checkpointing measure a "
+                             "--model; the --params projection already assumes checkpointing (drop the flag)")
         print(memory.format_projection(args.params, seq=args.seq or 2048, batch=args.batch))
         return
     model, _ = _load(args.model)
-    print(memory.ledger(model, args.method, args.batch, args.seq or 64, MethodOptions(lora_r=args.lora_r)))
+    shape = (model, args.method, args.batch, args.seq or 64, MethodOptions(lora_r=args.lora_r))
+    if args.compare_checkpointing:
+        print(memory.compare_checkpointing(*shape))
+    else:
+        print(memory.ledger(*shape, checkpointing=args.gradient_checkpointing))
 
 
 def _add_training_flags(p) -> None:
@@ -429,6 +484,12 @@ def _add_checkpointing_flag(p) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true", help="keep only each block's input in the "
                    "forward and recompute the block in backward: far less activation memory for one extra "
                    "forward per block (docs/training.md)")
+
+
+def _add_base_dtype_flag(p) -> None:
+    p.add_argument("--base-dtype", default="float32", choices=BASE_DTYPES, help="store the frozen Linear "
+                   "weights in 16 bits (half their memory; widened to float32 per product); what trains stays "
+                   "float32. Needs a frozen base: refused with --method full (docs/training.md)")
 
 
 def _add_sampling_flags(p, max_new_tokens: int) -> None:
@@ -515,8 +576,13 @@ minift finetune --model smollm2 --method qlora --data my.jsonl --eval-data held.
     p.add_argument("--system", help="system prompt added to every example (default: the model's own, if any)")
     p.add_argument("--save-merged", action="store_true",
                    help="lora/qlora: also save the model with the adapter merged in, as a Hugging Face folder in --out")
+    p.add_argument("--packing", action="store_true", help="pack several examples into each row, each "
+                   "attending only to itself, instead of padding them (default: off; docs/training.md)")
+    p.add_argument("--pack-len", type=int, help="tokens per packed row with --packing (default: 256, or the "
+                   "longest example if longer; at most the model's context)")
     _add_training_flags(p)
     _add_checkpointing_flag(p)
+    _add_base_dtype_flag(p)
 
     p = _command(sub, "dpo", "preference-tune a model on chosen/rejected pairs (DPO or IPO), after SFT", """
 minift dpo --model smollm2 --out runs/smol-dpo
@@ -541,6 +607,7 @@ minift dpo --model smollm2 --data pairs.jsonl --method full --lr 1e-5 --beta 0.2
                    help="lora: also save the model with the adapter merged in, as a Hugging Face folder in --out")
     _add_training_flags(p)
     _add_checkpointing_flag(p)
+    _add_base_dtype_flag(p)
     p.set_defaults(steps=30, lr=5e-4, batch_size=4, warmup_ratio=0.1, eval_every=10, save_every=10)
 
     p = _command(sub, "export", "write a model (an adapter merged in) as a Hugging Face folder or a GGUF file", """
@@ -605,23 +672,49 @@ minift eval --model runs/smol-lora --data held_out.jsonl""", cmd_eval)
     p = _command(sub, "serve", "serve a model and its LoRA adapters over HTTP (OpenAI-compatible completions "
                  "and chat, streamed or not)", """
 minift serve --model runs/tiny --adapter legal=runs/a/adapter --slots 4 --port 8000
-minift serve --model smollm2 --host 0.0.0.0 --port 8000    (reachable from other machines)""", cmd_serve)
+minift serve --model smollm2 --host 0.0.0.0 --port 8000    (reachable from other machines)
+minift serve --model smollm2 --quantize nf4 --adapter q=runs/qlora/adapter   (QLoRA adapters over their 4-bit base)
+minift serve --model smollm2 --allow-runtime-lora --lora-root runs/adapters   (POST /v1/load_lora_adapter)""",
+                 cmd_serve)
     p.add_argument("--model", required=True, help="the base model: a folder, a .gguf file, or smollm2")
     _add_serving_flags(p)
+    p.add_argument("--quantize", choices=["nf4"], help="store the base's block projections in NF4 (as "
+                   "finetune --method qlora does) and serve the adapters over that 4-bit base")
+    p.add_argument("--allow-runtime-lora", action="store_true", help="enable POST /v1/load_lora_adapter and "
+                   "/v1/unload_lora_adapter (vLLM's routes); wraps every projection at start-up")
+    p.add_argument("--lora-root", help="with --allow-runtime-lora: the only folder runtime adapters may be "
+                   "loaded from (symlinks and .. are resolved first)")
+    p.add_argument("--max-lora-rank", type=int, default=16, help="with --allow-runtime-lora: the largest rank "
+                   "an adapter may have (sizes the slots)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface; "
                    "the server has no authentication)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (0 picks a free one)")
     p.add_argument("--socket-timeout", type=float, default=30.0,
                    help="seconds a connection may stay silent (a half-sent body, an idle keep-alive)")
-    p.add_argument("--batch-window-ms", type=float, default=15.0, help="wait this long to batch requests together")
+    p.add_argument("--batching", choices=["continuous", "static"], default="continuous",
+                   help="continuous: a request joins the running batch at the next decode step; static: "
+                   "requests that arrive within --batch-window-ms run as one batch to its end")
+    p.add_argument("--batch-window-ms", type=float, default=15.0,
+                   help="with --batching static: wait this long to batch requests together")
 
-    p = _command(sub, "bench-serve", "tokens/s of concurrent multi-adapter requests to an in-process server", """
-minift bench-serve --requests 16 --adapters 4""", cmd_bench_serve)
+    p = _command(sub, "bench-serve", "load test: Poisson arrivals of mixed-adapter streamed requests to an "
+                 "in-process server; throughput, TTFT and latency percentiles", """
+minift bench-serve --requests 32 --rate 16 --adapters 4
+minift bench-serve --rate 64 --max-tokens 8,64 --batching continuous --json runs/load.json""", cmd_bench_serve)
     p.add_argument("--model", help="default: a small random model with --adapters random adapters")
     _add_serving_flags(p)
     p.add_argument("--adapters", type=int, default=4, help="random adapters when no --model is given")
-    p.add_argument("--requests", type=int, default=16, help="concurrent requests sent")
-    p.add_argument("--max-tokens", type=int, default=16, help="tokens generated per request")
+    p.add_argument("--requests", type=int, default=32, help="requests sent")
+    p.add_argument("--rate", type=float, default=16.0, help="mean arrivals per second (exponential gaps)")
+    p.add_argument("--max-tokens", type=_int_range, default=(8, 32), metavar="N|LOW,HIGH",
+                   help="tokens generated per request, drawn per request")
+    p.add_argument("--prompt-words", type=_int_range, default=(2, 20), metavar="N|LOW,HIGH",
+                   help="words per prompt, drawn per request")
+    p.add_argument("--base-share", type=float, default=0.25, help="share of requests for the base model")
+    p.add_argument("--seed", type=int, default=0, help="seed of the schedule (the same seed, the same load)")
+    p.add_argument("--batching", choices=["continuous", "static"], default="continuous",
+                   help="the server's scheduler: whole batches, or rows joining and leaving at every step")
+    p.add_argument("--json", help="also write the full report (every request's timings) to this file")
 
     p = _command(sub, "kernels", "the CUDA kernels: 'check' runs each on every path against NumPy", """
 minift kernels check""", cmd_kernels)
@@ -629,13 +722,17 @@ minift kernels check""", cmd_kernels)
 
     p = _command(sub, "memory", "the memory ledger: bytes of weights, gradients, optimizer, activations", """
 minift memory --params 7e9
-minift memory --model runs/tiny --method qlora --batch 4 --seq 64""", cmd_memory)
+minift memory --model runs/tiny --method qlora --batch 4 --seq 64
+minift memory --model smollm2 --method lora --batch 2 --seq 64 --compare-checkpointing""", cmd_memory)
     p.add_argument("--params", type=float, help="project lecture 003's table to N parameters (e.g. 7e9)")
     p.add_argument("--model", help="predict and measure one training step of this model")
     p.add_argument("--method", default="lora", choices=LEDGER_METHODS, help="which weights train")
     p.add_argument("--batch", type=int, default=1, help="sequences per step")
     p.add_argument("--seq", type=int, help="tokens per row (default: 2048 with --params, 64 with --model)")
     p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (lora, qlora)")
+    _add_checkpointing_flag(p)
+    p.add_argument("--compare-checkpointing", action="store_true", help="measure the step twice, without and "
+                   "with gradient checkpointing, and print both columns and their ratio")
     return parser
 
 

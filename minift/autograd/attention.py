@@ -10,6 +10,7 @@ key/value head — grouped-query attention, Ainslie et al. 2023), Tq queries, Tk
 
 Queries are the *last* Tq positions of the Tk keys: with a KV cache (Tq = 1, Tk = all tokens so
 far) or learned prefix keys (prefix tuning), query i may see key j when j <= i + (Tk - Tq).
+Packed rows (several examples per row) add a block-diagonal mask, ``segment_mask``.
 
 Backward, with dO the incoming gradient:
     dV = P^T dO                  summed over the G query heads of each group
@@ -35,6 +36,20 @@ def causal_mask(tq: int, tk: int):
     """(Tq, Tk) booleans, True where query i (at position i + tk - tq) may look at key j."""
     offset = tk - tq
     return xp.arange(tk)[None, :] <= xp.arange(tq)[:, None] + offset
+
+
+def segment_mask(segment_ids):
+    """(B, T) segment ids -> (B, T, T) booleans, True where query i and key j share a segment.
+
+    Sequence packing (``minift/data/packing.py``) lays several examples in one row and numbers
+    them 1, 2, ...; combined with the causal mask this one is block diagonal, so no example
+    attends to another and each gets the outputs it would get alone. Padding (segment 0) only
+    sees padding, whose outputs no loss reads.
+    """
+    ids = xp.asarray(segment_ids)
+    if ids.ndim != 2:
+        raise ShapeError(f"segment_mask: segment ids must be (batch, tokens), got shape {ids.shape}")
+    return ids[:, :, None] == ids[:, None, :]
 
 
 def _check_shapes(q, k, v):

@@ -2,7 +2,8 @@
 
 Reading order: ``tokenizer.py`` (text <-> ids, the ChatML template), ``instructions.py`` (records
 -> messages -> input_ids and prompt-masked labels), ``loader.py`` (padding and the resumable
-batch order). ``bundled/README.md`` describes the data sets shipped with minift, written by
+batch order), ``packing.py`` (several examples per row instead of padding).
+``bundled/README.md`` describes the data sets shipped with minift, written by
 ``tools/bundled_data/make_bundled.py``.
 """
 
@@ -20,6 +21,7 @@ from minift.data.instructions import (
     to_messages,
 )
 from minift.data.loader import DataLoader, collate
+from minift.data.packing import collate_packed, pack_examples, padding_share
 from minift.data.tokenizer import ByteTokenizer, Tokenizer, render_chatml
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
@@ -46,9 +48,12 @@ __all__ = [
     "bundled_path",
     "check_record",
     "collate",
+    "collate_packed",
     "encode_example",
     "load_jsonl",
     "load_qa",
+    "pack_examples",
+    "padding_share",
     "render_chatml",
     "to_messages",
 ]

@@ -5,6 +5,7 @@ repeats") consumes batches, not single examples: a (B, T) block of ids is one ma
 forward pass. Examples have different lengths, so ``collate`` pads the short ones on the right.
 Right padding with a causal model is harmless: a real token only attends to earlier positions,
 and pads come after every real token of their row. Pads get label IGNORE_INDEX (-100), so they add no loss.
+Padding still costs compute; ``packing.py`` packs short examples into shared rows instead.
 """
 
 from __future__ import annotations

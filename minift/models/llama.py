@@ -17,6 +17,7 @@ import numpy
 
 import minift.autograd.functional as F
 from minift.autograd import Tensor, checkpoint, is_grad_enabled
+from minift.autograd.attention import segment_mask
 from minift.backend import xp
 from minift.nn import Embedding, Linear, Module, ModuleList, RMSNorm
 
@@ -243,11 +244,14 @@ class LlamaForCausalLM(Module):
         return F.rope_tables(numpy.arange(start, start + length), self.config.head_dim,
                              self.config.rope_theta, dtype=dtype)
 
-    def hidden(self, input_ids, cache: KVCache | None = None, attention_mask=None, positions=None):
+    def hidden(self, input_ids, cache: KVCache | None = None, attention_mask=None, positions=None,
+               segment_ids=None):
         """Final hidden states (B, T, C): the features a linear probe or a head reads.
 
         ``positions`` (B, T) gives each row its own token positions — a left-padded row starts
         counting at its first real token; by default positions continue from the cache.
+        ``segment_ids`` (B, T) marks packed rows (``minift/data/packing.py``): a token attends
+        only to its own segment (``segment_mask``), and ``positions`` must restart per segment.
         """
         ids = xp.asarray(input_ids.data if isinstance(input_ids, Tensor) else input_ids)
         if ids.ndim != 2:
@@ -264,19 +268,37 @@ class LlamaForCausalLM(Module):
                 raise ValueError(f"positions {positions.shape} must have the shape of input_ids {ids.shape}")
             cos, sin = (t[:, None] for t in F.rope_tables(positions, self.config.head_dim, self.config.rope_theta,
                                                            dtype=self.dtype))  # (B, 1, T, hd)
+        if segment_ids is not None:
+            attention_mask = self._packed_mask(segment_ids, ids.shape, cache, attention_mask, positions)
         h = self.model(ids, cos, sin, cache, attention_mask)
         if cache is not None:
             cache.advance(ids.shape[1])
         return h
 
+    def _packed_mask(self, segment_ids, shape, cache, attention_mask, positions):
+        """The (B, T, T) block-diagonal mask of packed rows, refused where it cannot hold."""
+        segment_ids = xp.asarray(segment_ids)
+        if segment_ids.shape != shape:
+            raise ValueError(f"segment_ids {segment_ids.shape} must have the shape of input_ids {shape}")
+        if cache is not None or positions is None:
+            raise ValueError("segment_ids (packed rows) are for training: pass the positions that "
+                             "minift.data.pack_examples made with them, and no KV cache")
+        if any(block.self_attn.prefix is not None for block in self.model.layers):
+            raise ValueError("prefix tuning cannot train on packed rows: its prefix keys extend only a "
+                             "(batch, keys) mask (minift/peft/prefix.py); drop --packing (minift finetune) "
+                             "or use another method")
+        mask = segment_mask(segment_ids)
+        return mask if attention_mask is None else mask & xp.asarray(attention_mask, dtype=bool)[:, None, :]
+
     def forward(self, input_ids, cache: KVCache | None = None, attention_mask=None,
-                last_only: bool = False, positions=None):
+                last_only: bool = False, positions=None, segment_ids=None):
         """Logits for every position, or only for the last one (``last_only``, generation).
 
         ``attention_mask`` (B, Tk), True for real tokens, hides padding keys; right-padded
         training batches do not need it, since causal attention never looks ahead.
+        ``positions`` and ``segment_ids``: see ``hidden``.
         """
-        h = self.hidden(input_ids, cache, attention_mask, positions)
+        h = self.hidden(input_ids, cache, attention_mask, positions, segment_ids)
         if last_only:
             h = h[:, -1:]
         head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import re
 
+import numpy
+
+from minift.nn.layers import Linear, base_dtype
 from minift.nn.module import Module, matching
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -78,6 +81,38 @@ def train_only_last_layers(model: Module, last_n: int = 1) -> list[str]:
     for name in keep:
         params[name].requires_grad_(True)
     return keep
+
+
+def cast_frozen(model: Module, dtype: str, skip: tuple[str, ...] = ("lm_head",)) -> list[str]:
+    """Store every frozen ``Linear`` weight in ``dtype`` ("bf16", "f16", or "float32" to widen them
+    back), except those whose dotted name contains one of ``skip``; returns the names of the
+    weights cast. Call it after freezing (or ``get_peft_model``).
+
+    A frozen weight is only ever read, and ``Linear`` widens a 16-bit one for each product
+    (``WidenedLinear``), so 16 bits halve its memory at the price of one rounding of W; the
+    trainable weights, their gradients and AdamW's moments stay float32 (lecture 003's mixed
+    precision keeps fp32 master weights for the same reason: a step of lr x update is mostly
+    below a 16-bit weight's last digit). What is left in float32, and why:
+      - norms and biases: a few thousand numbers, not worth a second code path;
+      - the embedding (and SmolLM2's head, which is the same matrix): ``LlamaForCausalLM.dtype``
+        reads the model's float type off it, and the RoPE tables and the KV cache follow that;
+      - an untied head (``skip``), as in QLoRA (``quantize_model``): the model multiplies by its
+        weight directly, not through ``Linear.forward``, so it would never be widened by
+        ``WidenedLinear``.
+    Widening back to float32 before a save is exact, so a saved model holds the rounded base.
+    """
+    target = base_dtype(dtype)
+    frozen = [(f"{name}.weight".lstrip("."), layer.weight) for name, layer in model.named_modules()
+              if isinstance(layer, Linear) and not layer.weight.requires_grad and not any(s in name for s in skip)]
+    if target != numpy.float32 and not frozen:
+        raise ValueError(f"cast_frozen: no frozen Linear weight to store in {dtype}: every Linear trains "
+                         f"(method full), or the frozen ones are 4-bit already (qlora). Freeze the base first "
+                         f"(method lora, freeze or last), or keep it in float32 (--base-dtype float32)")
+    if dtype == "bf16" and not all(isinstance(w.data, numpy.ndarray) for _, w in frozen):
+        raise ValueError("cast_frozen: bf16 needs the NumPy backend (CuPy has no bfloat16); use f16 on a GPU")
+    for _, weight in frozen:
+        weight.data = weight.data.astype(target)
+    return [name for name, _ in frozen]
 
 
 def trainable_report(model: Module) -> str:

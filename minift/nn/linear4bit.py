@@ -26,7 +26,7 @@ from minift.autograd.function import Function
 from minift.cuda import kernels
 from minift.nn.layers import Linear
 from minift.nn.module import Module, Parameter
-from minift.quant.nf4 import DEFAULT_BLOCKSIZE, dequantize_nf4_by_byte, quantize_nf4
+from minift.quant.nf4 import DEFAULT_BLOCKSIZE, dequantize_nf4, dequantize_nf4_by_byte, quantize_nf4
 
 
 def on_gpu(array) -> bool:
@@ -34,12 +34,15 @@ def on_gpu(array) -> bool:
 
 
 def dequantize(packed, state, dtype):
-    """NF4 codes -> float weight: the CUDA kernel (kernels/nf4_dequant.cu) when the codes live on
-    a GPU, else ``dequantize_nf4_by_byte`` (the table-per-byte twin of the plain
-    ``dequantize_nf4``) — all three agree bit for bit."""
-    if on_gpu(packed) and numpy.dtype(dtype) in (numpy.float32, numpy.float16):
+    """NF4 codes -> float weight, by the fastest decoder for where the codes live: on a GPU the
+    CUDA kernel (kernels/nf4_dequant.cu; float32 and float16) or else the plain
+    ``dequantize_nf4``; on the CPU ``dequantize_nf4_by_byte`` (a table per byte, row blocks on
+    as many threads as the BLAS). All of them agree bit for bit."""
+    if not on_gpu(packed):
+        return dequantize_nf4_by_byte(packed, state, dtype=dtype)
+    if numpy.dtype(dtype) in (numpy.float32, numpy.float16):
         return kernels.dequantize_nf4(packed, state, dtype=dtype)
-    return dequantize_nf4_by_byte(packed, state, dtype=dtype)
+    return dequantize_nf4(packed, state, dtype=dtype)
 
 class NF4Linear(Function):
     """y = x W^T + b with W held as NF4 codes (``packed``, ``state``) and dequantized on the fly.

@@ -48,13 +48,15 @@ the stored bytes are identical.
 from __future__ import annotations
 
 import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from statistics import NormalDist
 
 import numpy
 
 from minift.autograd.function import op_counts
-from minift.backend import to_numpy, xp
+from minift.backend import xp
 
 #: The 16 NF4 levels, exactly as bitsandbytes ships them (``get_4bit_type("nf4")``).
 NF4_CODE = numpy.array([
@@ -261,10 +263,11 @@ def quantize_dynamic_8bit(x, blocksize: int = DOUBLE_QUANT_BLOCKSIZE):
     return codes.reshape(-1)[: x.size], absmax2
 
 
-def dequantize_dynamic_8bit(codes, absmax2, blocksize: int = DOUBLE_QUANT_BLOCKSIZE):
-    """x ~ DYNAMIC_CODE[code] * absmax2[group], in float32."""
+def dequantize_dynamic_8bit(codes, absmax2, blocksize: int = DOUBLE_QUANT_BLOCKSIZE, first: int = 0):
+    """x ~ DYNAMIC_CODE[code] * absmax2[group], in float32; ``codes`` may be a slice of all the
+    codes that starts at index ``first`` (its groups are counted from there)."""
     values = xp.asarray(DYNAMIC_CODE)[codes.reshape(-1)]
-    group = xp.arange(values.size) // blocksize
+    group = (first + xp.arange(values.size)) // blocksize
     return values * absmax2[group]
 
 
@@ -285,12 +288,14 @@ def double_quantize(absmax, offset=None):
     return codes, offset, state2
 
 
-def block_absmax(state: QuantState):
-    """The float32 absmax of every block (decoded from the 8-bit codes when double-quantized)."""
+def block_absmax(state: QuantState, start: int = 0, stop: int | None = None):
+    """The float32 absmax of blocks ``start:stop`` (all by default), decoded from the 8-bit codes
+    when double-quantized; a range lets each thread of the fast decoder decode only its own."""
+    codes = state.absmax[start:stop]
     if not state.nested:
-        return state.absmax
+        return codes
     second = state.state2
-    return dequantize_dynamic_8bit(state.absmax, second.absmax, second.blocksize) + xp.float32(state.offset)
+    return dequantize_dynamic_8bit(codes, second.absmax, second.blocksize, first=start) + xp.float32(state.offset)
 
 
 # ---- the public pair ---------------------------------------------------------------------------
@@ -316,27 +321,84 @@ def dequantize_nf4(packed, state: QuantState, dtype=None):
 
 @functools.lru_cache(maxsize=8)
 def _byte_pair_table(code_bytes: bytes) -> numpy.ndarray:
-    """(256, 2) float32 on the host: byte b -> (code[b >> 4], code[b & 15]), the two weights one
-    byte holds. Cached as NumPy so a later switch of backend never receives the other's array."""
+    """(256,) uint64 on the host: byte b -> the 8 bytes of the float32 pair
+    (code[b >> 4], code[b & 15]), the two weights one byte holds, high nibble first. One uint64
+    per byte lets ``numpy.take`` copy both weights with a single 8-byte move; it is a view of
+    the float pair's own bytes, so the order in memory is the same on any byte order."""
     levels = numpy.frombuffer(code_bytes, dtype=numpy.float32)
-    return numpy.stack([numpy.repeat(levels, 16), numpy.tile(levels, 16)], axis=1)
+    pairs = numpy.stack([numpy.repeat(levels, 16), numpy.tile(levels, 16)], axis=1)
+    return pairs.view(numpy.uint64).reshape(256)
 
 
-def dequantize_nf4_by_byte(packed, state: QuantState, dtype=None):
-    """``dequantize_nf4``, 3x faster on a CPU: one table lookup per *byte* instead of per code.
+#: Fewest weights worth handing to another thread: a chunk this size (1 MiB of float32) takes
+#: 0.1-0.4 ms to decode, well above the tens of microseconds a pool needs to hand over a task
+#: and collect it. A matrix under twice this (SmolLM2's 576 x 576 projections) decodes on the
+#: calling thread alone.
+MIN_WEIGHTS_PER_THREAD = 1 << 18
 
-    The plain version unpacks the bytes into codes, looks every code up in the 16-entry table
-    and then scales: four passes over the weight. Here a 256-entry table maps a byte straight
-    to its two float levels (high nibble first, as they were packed), so one gather writes
-    the weight in order and one in-place product scales it. The arithmetic is the same float32
-    product per weight, so the result is identical bit for bit (tests/quant/test_nf4.py).
-    Counted in ``op_counts["nf4_dequantize"]`` like the plain version.
+
+def blas_threads() -> int:
+    """The number of threads NumPy's BLAS multiplies matrices with: what ``minift --threads``
+    (``threadpoolctl.threadpool_limits``) sets, or the BLAS library's own default. The NF4
+    decoder uses as many, so one setting governs all of a QLoRA step's multi-threaded work.
+    threadpoolctl is imported here, on first use, so that ``import minift.quant`` loads NumPy alone."""
+    return max((lib.num_threads for lib in _blas_controllers()), default=1)
+
+
+@functools.cache
+def _blas_controllers() -> tuple:
+    from threadpoolctl import ThreadpoolController  # noqa: PLC0415 - lazy, see blas_threads
+
+    return tuple(ThreadpoolController().select(user_api="blas").lib_controllers)
+
+
+@functools.cache
+def _thread_pool() -> ThreadPoolExecutor:
+    """One pool for the whole process, as large as the machine; each call uses what it asks for."""
+    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="minift-nf4")
+
+
+def _decode_blocks(out, packed, state: QuantState, pairs, start: int, stop: int) -> None:
+    """Blocks ``start:stop`` of ``out`` (float32, (n_blocks, blocksize)) from their bytes: one
+    8-byte gather per byte, then the absmax product in place. ``numpy.take`` and the product
+    release the GIL, so threads running this on different row blocks run in parallel."""
+    bytes_per_block = state.blocksize // 2
+    rows = out[start:stop]
+    numpy.take(pairs, packed[start * bytes_per_block:stop * bytes_per_block],
+               out=rows.reshape(-1).view(numpy.uint64), mode="clip")  # "clip": no buffered bounds check
+    rows *= block_absmax(state, start, stop)[:, None]
+
+
+def dequantize_nf4_by_byte(packed, state: QuantState, dtype=None, threads: int | None = None):
+    """``dequantize_nf4`` on the CPU, fast and bit for bit the same; what ``Linear4bit`` runs.
+
+    The plain version unpacks the bytes into codes, looks every code up in the 16-entry table,
+    decodes all the absmax values and then scales: a pass over the weight for each step, all
+    on one core. Here a 256-entry table maps a byte straight to its two float levels, so one gather
+    writes the weight in order into a preallocated array and one in-place product scales it,
+    with the absmax values (double quantization included) decoded block range by block range
+    alongside. The weight is cut into ``threads`` row blocks (default ``blas_threads()``; at
+    least ``MIN_WEIGHTS_PER_THREAD`` weights each), decoded side by side on a thread pool. The
+    arithmetic is the same float32 product per weight, so the result is identical bit for bit
+    (tests/quant/test_nf4_fast.py). Host (NumPy) arrays only: on a GPU, ``Linear4bit`` runs the
+    CUDA kernel. Counted in ``op_counts["nf4_dequantize"]`` like the plain version.
     """
+    if not isinstance(packed, numpy.ndarray):
+        raise TypeError(f"dequantize_nf4_by_byte decodes NumPy arrays, got {type(packed).__name__}; "
+                        "on a GPU use minift.cuda.kernels.dequantize_nf4, or dequantize_nf4")
     op_counts["nf4_dequantize"] += 1
-    pairs = xp.asarray(_byte_pair_table(to_numpy(state.code).astype(numpy.float32).tobytes()))
-    weight = xp.take(pairs, packed.reshape(-1), axis=0).reshape(-1, state.blocksize)
-    weight *= block_absmax(state)[:, None]
-    return weight.reshape(state.shape).astype(dtype or state.dtype, copy=False)
+    pairs = _byte_pair_table(numpy.asarray(state.code, dtype=numpy.float32).tobytes())
+    n_blocks = packed.size * 2 // state.blocksize
+    out = numpy.empty((n_blocks, state.blocksize), dtype=numpy.float32)
+    flat = packed.reshape(-1)
+    chunks = max(1, min(threads or blas_threads(), out.size // MIN_WEIGHTS_PER_THREAD, n_blocks))
+    edges = [n_blocks * i // chunks for i in range(chunks + 1)]
+    others = [_thread_pool().submit(_decode_blocks, out, flat, state, pairs, edges[i], edges[i + 1])
+              for i in range(1, chunks)]
+    _decode_blocks(out, flat, state, pairs, edges[0], edges[1])  # the calling thread takes the first
+    for task in others:
+        task.result()
+    return out.reshape(state.shape).astype(dtype or state.dtype, copy=False)
 
 
 def bits_per_parameter(packed, state: QuantState) -> float:

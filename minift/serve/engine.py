@@ -36,7 +36,8 @@ from minift.autograd import no_grad
 from minift.backend import to_numpy, xp
 from minift.models.generate import choose_next
 from minift.models.llama import KVCache, LlamaForCausalLM
-from minift.serve.library import AdapterLibrary
+from minift.nn import quantize_model
+from minift.serve.library import Adapter, AdapterLibrary, every_projection
 from minift.serve.multi_lora import add_multi_lora, set_batch_slots
 from minift.serve.slots import AdapterSlots
 
@@ -100,13 +101,6 @@ def plan_batches(requests: list[Request], n_slots: int, max_batch: int, context:
     return batches + [rows] if rows else batches
 
 
-def _keep_rows(cache: KVCache, keep) -> None:
-    """Drop finished rows from every layer's keys and values (the batch shrinks)."""
-    keep = xp.asarray(keep)
-    cache.keys = [k[keep] for k in cache.keys]
-    cache.values = [v[keep] for v in cache.values]
-
-
 def left_pad(prompts: list[list[int]]):
     """-> ids (B, W), attention mask (B, W), positions (B, W) for prompts padded on the left."""
     width = max(len(p) for p in prompts)
@@ -126,17 +120,24 @@ class ServingEngine:
     """A base model, a library of adapters, device slots for them, and batched generation.
 
     Construction is model surgery: the layers any library adapter targets become
-    ``MultiLoraLinear`` (in place, as ``get_peft_model`` does for training).
+    ``MultiLoraLinear`` (in place, as ``get_peft_model`` does for training). With ``wrap_all``
+    every projection of every block is wrapped instead, so that adapters loaded later
+    (``add_adapter``, at runtime) find their layers ready; ``max_rank`` then sizes the slots
+    for the largest rank such an adapter may have (vLLM's ``--max-lora-rank``).
     """
 
     def __init__(self, model: LlamaForCausalLM, library: AdapterLibrary, n_slots: int = 4,
-                 max_batch: int = 16, eos_id: int | None = None, max_rank: int | None = None):
+                 max_batch: int = 16, eos_id: int | None = None, max_rank: int | None = None,
+                 wrap_all: bool = False):
         if library.model is not model:
             raise ValueError("the adapter library was checked against a different model")
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+        if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1):
+            raise ValueError(f"max_rank (--max-lora-rank) must be a positive integer, got {max_rank!r}")
         self.model, self.library = model.eval(), library
-        self.layers = add_multi_lora(model, library.target_modules())
+        targets = every_projection(model) if wrap_all else library.target_modules()
+        self.layers = add_multi_lora(model, targets)
         self.slots = AdapterSlots(library, self.layers, n_slots, max_rank)
         self.max_batch, self.eos_id = max_batch, eos_id
         self.batch_sizes: list[int] = []  # rows of the last MAX_RECORDED batches, in order (stats, tests)
@@ -180,85 +181,180 @@ class ServingEngine:
         return results
 
     def _run_batch(self, requests: list[Request], record_logits: bool) -> list[Completion]:
-        slot_idx = numpy.asarray(self.slots.acquire([r.adapter for r in requests]))
-        self.batch_sizes.append(len(requests))
+        """Run one batch to its end (static batching): nobody joins, finished rows leave."""
+        batch = Batch(requests, self.model, self.slots.acquire([r.adapter for r in requests]))
+        self.record_batch_size(len(requests))
+        rows = list(batch.rows)
+        while batch.rows:
+            try:
+                logits = batch.forward(self.model, self.layers.values())
+            except Exception as exc:  # the batched forward failed: every live row ends; generate() retries
+                batch.fail(f"the batched forward failed: {type(exc).__name__}: {exc}")
+                break
+            batch.advance(logits, self.eos_id, record_logits)
+        return [row.completion(record_logits) for row in rows]
+
+    def record_batch_size(self, rows: int) -> None:
+        self.batch_sizes.append(rows)
         del self.batch_sizes[:-MAX_RECORDED]
-        batch = _Batch(requests, self.model, record_logits)
-        try:
-            with no_grad():
-                while batch.live.size:
-                    set_batch_slots(self.layers.values(), slot_idx[batch.live])
-                    logits = self.model(batch.ids, cache=batch.cache, attention_mask=batch.mask,
-                                        positions=batch.positions, last_only=True)
-                    batch.advance(to_numpy(logits.data[:, -1]), self.eos_id)  # (b, V)
-        except Exception as exc:  # the batched forward failed: every live row ends; generate() retries
-            batch.fail_live(f"the batched forward failed: {type(exc).__name__}: {exc}")
-        finally:
-            set_batch_slots(self.layers.values(), None)
-        return batch.completions()
+
+    def add_adapter(self, name: str, folder) -> Adapter:
+        """Load the adapter in ``folder`` as ``name`` while serving: checked in full against the
+        base (``AdapterLibrary``) and against the slots (rank, wrapped layers) before it joins.
+        Only the thread that runs the batches may call it (the server's ``run_between_steps``)."""
+        return self.library.add(name, folder, check=self.slots.check_fits)
+
+    def remove_adapter(self, name: str) -> None:
+        """Unload ``name``: new requests for it are refused; rows already running with it finish
+        with its weights (``AdapterSlots.forget``). The batch thread only, as ``add_adapter``."""
+        self.library.remove(name)
+        self.slots.forget(name)
 
 
 def build_engine(model: LlamaForCausalLM, adapters: dict, n_slots: int = 4, max_batch: int = 16,
-                 eos_id: int | None = None) -> ServingEngine:
-    """Load every ``{name: folder}`` into a library (checked against ``model``) and wrap the model."""
+                 eos_id: int | None = None, quantize: str | None = None, wrap_all: bool = False,
+                 max_rank: int | None = None) -> ServingEngine:
+    """Load every ``{name: folder}`` into a library (checked against ``model``) and wrap the model.
+
+    ``quantize="nf4"`` first stores the base's block projections in NF4 as ``minift finetune
+    --method qlora`` does (``quantize_model``): adapters are then served over the 4-bit base,
+    which is the base a QLoRA adapter was trained against."""
+    if quantize not in (None, "nf4"):
+        raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
+    if quantize == "nf4":
+        quantize_model(model)
     library = AdapterLibrary(model)
     for name, folder in adapters.items():
         library.add(name, folder)
-    return ServingEngine(model, library, n_slots=n_slots, max_batch=max_batch, eos_id=eos_id)
+    return ServingEngine(model, library, n_slots=n_slots, max_batch=max_batch, eos_id=eos_id,
+                         max_rank=max_rank, wrap_all=wrap_all)
 
 
-class _Batch:
-    """The running state of one batch: which requests are live, their cache, inputs and outputs."""
+@dataclass(eq=False)
+class Row:
+    """One request's progress: its sampler, its new tokens (and logits), and how it ended."""
 
-    def __init__(self, requests: list[Request], model: LlamaForCausalLM, record_logits: bool):
-        self.requests, self.record_logits = requests, record_logits
-        self.ids, self.mask, self.positions = left_pad([r.prompt for r in requests])  # the prefill
-        width, longest = self.ids.shape[1], max(r.max_tokens for r in requests)
-        self.cache = KVCache(model.config, len(requests), width + longest, model.dtype)
-        self.rngs = [numpy.random.default_rng(r.seed) for r in requests]
-        self.tokens: list[list[int]] = [[] for _ in requests]
-        self.logits: list[list] = [[] for _ in requests]
-        self.finish: list[str | None] = [None] * len(requests)
-        self.errors: list[str | None] = [None] * len(requests)
-        self.live = numpy.arange(len(requests))  # the request of each batch row
-        self.next_pos = numpy.array([len(r.prompt) for r in requests])
+    request: Request
+    rng: numpy.random.Generator
+    tokens: list[int] = field(default_factory=list)
+    logits: list = field(default_factory=list)
+    finish: str | None = None
+    error: str | None = None
 
-    def advance(self, logits: numpy.ndarray, eos_id: int | None) -> None:
-        """Pick each live row's next token, retire finished rows, set up the next step's inputs."""
-        for row, i in enumerate(self.live):
-            try:
-                self.finish[i] = self._step_row(i, logits[row], eos_id)
-            except Exception as exc:  # this row's failure is this row's alone
-                self.finish[i], self.errors[i] = "error", f"{type(exc).__name__}: {exc}"
-        keep = numpy.array([self.finish[i] is None for i in self.live])
-        if not keep.all():
-            _keep_rows(self.cache, keep)
-        self.live = self.live[keep]
-        self.ids = numpy.array([self.tokens[i][-1:] for i in self.live], dtype=numpy.int64).reshape(-1, 1)
-        self.positions = self.next_pos[self.live][:, None]
-        self.next_pos[self.live] += 1
-        self.mask = numpy.concatenate([self.mask[keep], numpy.ones((self.live.size, 1), dtype=bool)], axis=1)
+    @property
+    def remaining(self) -> int:
+        return self.request.max_tokens - len(self.tokens)
 
-    def _step_row(self, i: int, logits: numpy.ndarray, eos_id: int | None) -> str | None:
-        """Choose request ``i``'s next token from its logits (V,); -> why it ends now, or None."""
-        r = self.requests[i]
+    def step(self, logits: numpy.ndarray, eos_id: int | None, record_logits: bool) -> str | None:
+        """Choose the next token from this row's logits (V,); -> why the row ends now, or None."""
+        r = self.request
         if not numpy.isfinite(logits).all():
             raise FloatingPointError("the model produced non-finite logits for this request "
                                      "(an adapter whose weights overflow in the model's dtype?)")
-        token = int(choose_next(logits[None], r.temperature, None, r.top_p, self.rngs[i])[0])
-        self.tokens[i].append(token)
-        if self.record_logits:
-            self.logits[i].append(logits)
+        token = int(choose_next(logits[None], r.temperature, None, r.top_p, self.rng)[0])
+        self.tokens.append(token)
+        if record_logits:
+            self.logits.append(logits)
         if token == eos_id or (r.on_token is not None and r.on_token(token)):
             return "stop"
-        return "length" if len(self.tokens[i]) == r.max_tokens else None
+        return "length" if self.remaining == 0 else None
 
-    def fail_live(self, message: str) -> None:
-        for i in self.live:
-            self.finish[i], self.errors[i] = "error", message
-        self.live = self.live[:0]
+    def completion(self, record_logits: bool) -> Completion:
+        return Completion(self.tokens, self.finish, len(self.request.prompt),
+                          numpy.array(self.logits) if record_logits else None, self.error)
 
-    def completions(self) -> list[Completion]:
-        return [Completion(self.tokens[i], self.finish[i], len(r.prompt),
-                           numpy.array(self.logits[i]) if self.record_logits else None, self.errors[i])
-                for i, r in enumerate(self.requests)]
+
+class Batch:
+    """Rows that decode together: row b of the KV cache, mask and inputs belongs to ``rows[b]``.
+
+    Prompts are left-padded, so every row's newest token sits in the last column and one forward
+    gives every row its next-token logits. Between steps ``mask`` has one column more than the
+    cache holds: the column of the token each row feeds next. Positions are per row, so a row
+    gets the same RoPE angles whatever it is batched with.
+    """
+
+    def __init__(self, requests: list[Request], model: LlamaForCausalLM, slot_idx):
+        self.rows = [Row(r, numpy.random.default_rng(r.seed)) for r in requests]
+        self.ids, self.mask, self.positions = left_pad([r.prompt for r in requests])  # the prefill
+        width, longest = self.ids.shape[1], max(r.max_tokens for r in requests)
+        self.cache = KVCache(model.config, len(requests), width + longest, model.dtype)
+        self.slot_idx = numpy.asarray(slot_idx, dtype=numpy.int64)
+        self.next_pos = numpy.array([len(r.prompt) for r in requests])
+
+    def forward(self, model: LlamaForCausalLM, layers) -> numpy.ndarray:
+        """One forward of every row with its adapter: -> the next-token logits (rows, V)."""
+        set_batch_slots(layers, self.slot_idx)
+        try:
+            with no_grad():
+                logits = model(self.ids, cache=self.cache, attention_mask=self.mask,
+                               positions=self.positions, last_only=True)
+        finally:
+            set_batch_slots(layers, None)
+        return to_numpy(logits.data[:, -1])
+
+    def advance(self, logits: numpy.ndarray, eos_id: int | None, record_logits: bool) -> list[Row]:
+        """Pick each row's next token, set up the next step's inputs; -> the rows that ended
+        (they leave the batch at once: later steps cost only the rows still running)."""
+        for row, row_logits in zip(self.rows, logits):
+            try:
+                row.finish = row.step(row_logits, eos_id, record_logits)
+            except Exception as exc:  # this row's failure is this row's alone
+                row.finish, row.error = "error", f"{type(exc).__name__}: {exc}"
+        ended = [row for row in self.rows if row.finish is not None]
+        self._keep(numpy.array([row.finish is None for row in self.rows], dtype=bool))
+        self.ids = numpy.array([row.tokens[-1:] for row in self.rows], dtype=numpy.int64).reshape(-1, 1)
+        self.positions = self.next_pos[:, None]
+        self.next_pos = self.next_pos + 1
+        self.mask = numpy.concatenate([self.mask, numpy.ones((len(self.rows), 1), dtype=bool)], axis=1)
+        return ended
+
+    def fail(self, message: str) -> list[Row]:
+        """End every row with ``message`` (a forward failed and no single row can be blamed)."""
+        for row in self.rows:
+            row.finish, row.error = "error", message
+        ended, self.rows = self.rows, []
+        return ended
+
+    def _keep(self, keep: numpy.ndarray) -> None:
+        """Drop the rows where ``keep`` is False from every per-row array and the cache."""
+        if keep.all():
+            return
+        self.rows = [row for row, k in zip(self.rows, keep) if k]
+        self.mask, self.slot_idx, self.next_pos = self.mask[keep], self.slot_idx[keep], self.next_pos[keep]
+        rows = xp.asarray(keep)
+        self.cache.keys = [k[rows] for k in self.cache.keys]
+        self.cache.values = [v[rows] for v in self.cache.values]
+
+    def join(self, other: Batch, model: LlamaForCausalLM) -> None:
+        """Add ``other``'s rows (both batches just advanced) to this batch: continuous batching.
+
+        The two caches are right-aligned in one new buffer, as if every row had been left-padded
+        together: each row's keys end in the same column, and the mask hides the columns before
+        a row's first token. Leading columns no row uses any more (their rows have left) are
+        dropped on the way. The copy costs what one decode step's attention reads anyway.
+        """
+        parts = [self, other]
+        used = [_first_used_column(b.mask) for b in parts]
+        width = max(b.mask.shape[1] - u for b, u in zip(parts, used))  # mask columns, incl. the pending one
+        rows = self.rows + other.rows
+        cache = KVCache(model.config, len(rows), width - 1 + max(row.remaining for row in rows), model.dtype)
+        mask = numpy.zeros((len(rows), width), dtype=bool)
+        start = 0
+        for b, u in zip(parts, used):
+            n, kept = len(b.rows), b.mask.shape[1] - u  # columns of b still in use
+            mask[start:start + n, width - kept:] = b.mask[:, u:]
+            into_rows, into_columns = slice(start, start + n), slice(width - kept, width - 1)
+            for new, old in zip(cache.keys + cache.values, b.cache.keys + b.cache.values):
+                new[into_rows, :, into_columns] = old[:, :, u:b.cache.length]
+            start += n
+        cache.length = width - 1
+        self.rows, self.cache, self.mask = rows, cache, mask
+        self.ids = numpy.concatenate([self.ids, other.ids])
+        self.positions = numpy.concatenate([self.positions, other.positions])
+        self.slot_idx = numpy.concatenate([self.slot_idx, other.slot_idx])
+        self.next_pos = numpy.concatenate([self.next_pos, other.next_pos])
+
+
+def _first_used_column(mask: numpy.ndarray) -> int:
+    """The first column of ``mask`` that some row still attends to (the pending column always is)."""
+    return int(numpy.argmax(mask.any(axis=0)))

@@ -25,7 +25,7 @@ import numpy
 from minift.autograd import Tensor
 from minift.backend import to_numpy, xp
 from minift.cuda import kernels
-from minift.nn import Linear, Module
+from minift.nn import Linear, Linear4bit, Module
 
 NO_ADAPTER = -1  #: slot index of a row that runs the base model alone
 
@@ -67,7 +67,9 @@ def _bgmv_delta(x, A_stack, B_stack, scales, slot_idx):
 
 
 class MultiLoraLinear(Module):
-    """A frozen ``Linear`` whose forward adds, per batch row, the LoRA delta of that row's slot.
+    """A frozen ``Linear`` (or NF4 ``Linear4bit``, QLoRA's base) whose forward adds, per batch
+    row, the LoRA delta of that row's slot. Only ``W x`` depends on how W is stored, so one
+    wrapper serves both: the delta is computed in float from the slots either way.
 
     Swapped in for the target layers by ``add_multi_lora`` (model surgery, as ``LoraLinear``
     is for training). The slot arrays are plain arrays, not Parameters: serving never trains,
@@ -75,15 +77,16 @@ class MultiLoraLinear(Module):
     the engine sets ``slot_idx`` (one entry per batch row) before each forward.
     """
 
-    def __init__(self, base_layer: Linear):
+    def __init__(self, base_layer: Linear | Linear4bit):
         super().__init__()
         self.base_layer = base_layer
         self.A_stack = self.B_stack = self.scales = None  # (S, R, d_in), (S, d_out, R), (S,)
         self.slot_idx = None  # (B,) ints, NO_ADAPTER for base rows; None = every row is base
 
     @property
-    def weight(self):
-        return self.base_layer.weight
+    def shape(self) -> tuple[int, int]:
+        """(d_out, d_in) of the base weight, whether it is stored in float or in NF4."""
+        return self.base_layer.out_features, self.base_layer.in_features
 
     def forward(self, x):
         y = self.base_layer(x)  # W x once for the whole batch
@@ -98,13 +101,15 @@ class MultiLoraLinear(Module):
 
 
 def add_multi_lora(model: Module, module_names) -> dict[str, MultiLoraLinear]:
-    """Replace each named ``Linear`` of ``model`` by a ``MultiLoraLinear`` around it (in place)."""
+    """Replace each named ``Linear`` or ``Linear4bit`` of ``model`` by a ``MultiLoraLinear``
+    around it (in place)."""
     layers = {}
     for name in sorted(module_names):
         layer = model.get_submodule(name)
         if not isinstance(layer, MultiLoraLinear):
-            if not isinstance(layer, Linear):
-                raise TypeError(f"multi-LoRA target {name!r} is a {type(layer).__name__}, not a Linear layer")
+            if not isinstance(layer, (Linear, Linear4bit)):
+                raise TypeError(f"multi-LoRA target {name!r} is a {type(layer).__name__}, not a Linear "
+                                "or Linear4bit layer; adapters can only target the projections")
             layer = MultiLoraLinear(layer)
             model.set_submodule(name, layer)
         layers[name] = layer

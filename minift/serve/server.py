@@ -6,14 +6,21 @@
                                  "prompt", rendered with the tokenizer's chat template
     GET  /v1/models[/{id}]      "base" and one "base:<adapter>" per loaded adapter
     GET  /v1/stats              recent batch sizes and the adapter cache's hits, misses, bytes
+    POST /v1/load_lora_adapter   {"lora_name", "lora_path"}: load an adapter while serving, and
+    POST /v1/unload_lora_adapter {"lora_name"}: unload one (vLLM's routes; only when the server
+                                 was started with allow_runtime_lora, from folders under lora_root)
 
 A model is "base", "base:<adapter>", or the bare adapter name (vLLM's way of naming one).
 
 Each HTTP request is handled on its own thread (``ThreadingHTTPServer``), which checks every
-field, tokenizes, and hands a ``Request`` to the one ``Batcher`` thread. The batcher waits a
-short window after the first arrival (or until ``max_batch`` requests are in) and runs everything
-that came as one multi-adapter batch: requests that arrive together share one ``W x`` per layer,
-what S-LoRA and Punica are built around (lecture 004). Only the batcher touches the model.
+field, tokenizes, and hands a ``Request`` to the one batcher thread; only the batcher touches the
+model. Rows of one batch share one ``W x`` per layer whatever their adapters, what S-LoRA and
+Punica are built around (lecture 004). Two batchers (``batching=``):
+
+- ``"continuous"`` (the default; ``ContinuousBatcher`` over ``Scheduler``): a request joins the
+  running batch at the next decode step and is answered the moment its row ends (Orca, vLLM).
+- ``"static"`` (``Batcher``): wait a short window after the first arrival (or until ``max_batch``
+  requests are in), then run everything that came to its end; a later request waits for it.
 
 Each request's ``on_token`` feeds its ``StopText`` on the batcher thread as tokens are chosen;
 a streaming handler sends the new text as Server-Sent Events (``data: {chunk}``, then
@@ -33,11 +40,15 @@ import queue
 import secrets
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import unquote
 
 from minift.serve.engine import Completion, Request, ServingEngine
+from minift.serve.library import AdapterError
+from minift.serve.scheduler import Scheduler
 
 BASE = "base"
 MAX_BODY_BYTES = 1 << 20
@@ -138,7 +149,27 @@ class Batcher(threading.Thread):
         super().__init__(name="minift-batcher", daemon=True)
         self.engine, self.window_s = engine, window_s
         self.queue: queue.Queue[Job] = queue.Queue()
+        self.commands: queue.Queue[tuple] = queue.Queue()  # (fn, Future): run_between_steps
         self.stopping = threading.Event()
+
+    def run_between_steps(self, fn, timeout_s: float = 120.0):
+        """Run ``fn()`` on the batcher thread between two steps and return its result (or raise
+        its exception). Only the batcher touches the model and the adapter slots, so changing
+        them (loading or unloading an adapter) waits for a moment when no forward is running."""
+        future: Future = Future()
+        self.commands.put((fn, future))
+        return future.result(timeout=timeout_s)
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                fn, future = self.commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                future.set_result(fn())
+            except Exception as exc:  # the caller gets it; the batcher goes on
+                future.set_exception(exc)
 
     def submit(self, request: Request, text: StopText) -> Job:
         job = Job(request, text)
@@ -148,6 +179,7 @@ class Batcher(threading.Thread):
 
     def run(self) -> None:
         while not self.stopping.is_set():
+            self._run_commands()
             try:
                 jobs = [self.queue.get(timeout=0.05)]
             except queue.Empty:
@@ -165,6 +197,7 @@ class Batcher(threading.Thread):
                 break
 
     def _serve(self, jobs: list[Job]) -> None:
+        jobs = [job for job in jobs if self._still_valid(job)]
         try:
             for job, completion in zip(jobs, self.engine.generate([j.request for j in jobs])):
                 job.result = completion
@@ -177,6 +210,20 @@ class Batcher(threading.Thread):
             for job in jobs:
                 job.finish()
 
+    def _still_valid(self, job: Job) -> bool:
+        """Check ``job`` again as the batcher takes it (its adapter may have been unloaded since
+        the HTTP thread checked it); a job that fails now is answered alone."""
+        try:
+            self.engine.validate(job.request)
+        except KeyError as exc:
+            job.error = HttpError(404, str(exc.args[0]), "model")
+        except ValueError as exc:
+            job.error = HttpError(400, str(exc))
+        else:
+            return True
+        job.finish()
+        return False
+
     def _fail_waiting(self, error: HttpError) -> None:
         while True:
             try:
@@ -186,6 +233,56 @@ class Batcher(threading.Thread):
             job.error = error
             job.finish()
 
+
+
+class ContinuousBatcher(Batcher):
+    """Continuous batching (``Scheduler``): every waiting request joins the running batch at the
+    next decode step, and a finished row is answered at once. Commands (``run_between_steps``)
+    run between two steps, never inside one."""
+
+    def run(self) -> None:
+        scheduler, jobs = Scheduler(self.engine), {}  # jobs: id(request) -> Job, while it runs
+        while not self.stopping.is_set():
+            self._run_commands()
+            self._admit(scheduler, jobs, wait=not scheduler.busy)
+            if not scheduler.busy:
+                continue
+            try:
+                ended = scheduler.step()
+            except Exception as exc:  # a bug outside any row: every running client gets a 500
+                for job in jobs.values():
+                    job.error = HttpError(500, f"generation failed: {type(exc).__name__}: {exc}")
+                    job.finish()
+                scheduler, jobs = Scheduler(self.engine), {}
+                continue
+            for request, completion in ended:
+                self._answer(jobs.pop(id(request)), completion)
+        for job in jobs.values():
+            job.error = HttpError(503, "the server is shutting down")
+            job.finish()
+        self._fail_waiting(HttpError(503, "the server is shutting down"))
+
+    def _admit(self, scheduler: Scheduler, jobs: dict, wait: bool) -> None:
+        """Move the submitted jobs into the scheduler (waiting briefly for one when idle)."""
+        while True:
+            try:
+                job = self.queue.get(timeout=0.05) if wait else self.queue.get_nowait()
+            except queue.Empty:
+                return
+            wait = False
+            if self._still_valid(job):
+                scheduler.add(job.request)
+                jobs[id(job.request)] = job
+
+    @staticmethod
+    def _answer(job: Job, completion: Completion) -> None:
+        job.result = completion
+        if completion.finish_reason == "error":  # this row failed alone
+            job.error = HttpError(500, f"generation failed for this request: {completion.error}")
+        job.finish()
+
+
+BATCHERS = {"continuous": ContinuousBatcher, "static": Batcher}
 
 def read_json(raw: bytes):
     """The body as JSON, refusing what Python's reader accepts but JSON does not: NaN, Infinity,
@@ -257,9 +354,13 @@ class CompletionService:
     """What the HTTP handler calls: JSON in, JSON (or chunks) out, ``HttpError`` for the client's
     mistakes."""
 
-    def __init__(self, engine: ServingEngine, tokenizer, window_s: float, timeout_s: float):
+    def __init__(self, engine: ServingEngine, tokenizer, window_s: float, timeout_s: float,
+                 lora_root: str | Path | None = None, batching: str = "continuous"):
+        if batching not in BATCHERS:
+            raise ValueError(f"batching must be one of {sorted(BATCHERS)}, got {batching!r}")
         self.engine, self.tokenizer, self.timeout_s = engine, tokenizer, timeout_s
-        self.batcher = Batcher(engine, window_s)
+        self.lora_root = None if lora_root is None else Path(lora_root).resolve()  # None: runtime LoRA off
+        self.batcher = BATCHERS[batching](engine, window_s)
         # a token spans at most this many characters, so a longer text has more tokens than fit
         longest = max([getattr(tokenizer, "max_token_bytes", 1), *map(len, tokenizer.special_tokens)])
         self.max_prompt_chars = (engine.context - 1) * longest
@@ -276,6 +377,50 @@ class CompletionService:
         return {"batch_sizes": list(self.engine.batch_sizes), "adapter_cache": self.engine.slots.stats.to_dict(),
                 "slots": self.engine.slots.n_slots, "slot_bytes": self.engine.slots.slot_bytes,
                 "resident": list(self.engine.slots.resident)}
+
+    def load_lora_adapter(self, body) -> dict:
+        """vLLM's runtime load: ``{"lora_name", "lora_path"}``, the folder under ``lora_root``,
+        checked in full (``ServingEngine.add_adapter``) on the batcher thread between steps."""
+        name, path = self._lora_fields(body, {"lora_name", "lora_path"})
+        folder = self._under_root(path)
+        try:  # a name loaded already is refused here too, with 400 as vLLM answers
+            self.batcher.run_between_steps(lambda: self.engine.add_adapter(name, folder))
+        except AdapterError as exc:
+            raise HttpError(400, str(exc)) from None
+        return {"object": "lora_adapter", "lora_name": name, "status": "loaded",
+                "message": f"Success: LoRA adapter {name!r} added; request it as model {name!r} or '{BASE}:{name}'"}
+
+    def unload_lora_adapter(self, body) -> dict:
+        """vLLM's runtime unload: ``{"lora_name"}``. New requests for it get a 404 at once; rows
+        already running with it finish (``AdapterSlots.forget``)."""
+        name, _ = self._lora_fields(body, {"lora_name"})
+        try:
+            self.batcher.run_between_steps(lambda: self.engine.remove_adapter(name))
+        except KeyError as exc:
+            raise HttpError(404, f"lora_name: {exc.args[0]}", "lora_name") from None
+        return {"object": "lora_adapter", "lora_name": name, "status": "unloaded",
+                "message": f"Success: LoRA adapter {name!r} removed"}
+
+    def _lora_fields(self, body, fields: set[str]) -> tuple[str, str | None]:
+        if self.lora_root is None:
+            raise HttpError(404, "runtime LoRA loading is off; start the server with --allow-runtime-lora "
+                                 "--lora-root DIR (CompletionServer(allow_runtime_lora=True, lora_root=DIR))")
+        if not isinstance(body, dict) or set(body) != fields:
+            raise HttpError(400, f"the body must be a JSON object with exactly the fields {sorted(fields)}, "
+                                 f"got {sorted(body) if isinstance(body, dict) else type(body).__name__}")
+        for name in fields:
+            if not isinstance(body[name], str) or not body[name]:
+                raise HttpError(400, f"'{name}' must be a non-empty string, got {json.dumps(body[name])}", name)
+        return body["lora_name"], body.get("lora_path")
+
+    def _under_root(self, path: str) -> Path:
+        """``path`` (relative to ``lora_root``, or absolute) with symlinks and ``..`` resolved; a
+        folder outside the root is refused, so a client can read nothing else on the disk."""
+        folder = (self.lora_root / path).resolve()
+        if not folder.is_relative_to(self.lora_root):
+            raise HttpError(403, f"'lora_path' {path!r} resolves to {folder}, outside the server's --lora-root "
+                                 f"{self.lora_root}; put the adapter under that folder", "lora_path")
+        return folder
 
     def parse(self, body, route: str) -> Call:
         """Check every field of a request to ``route`` and turn it into a ``Call``."""
@@ -441,6 +586,11 @@ class _Handler(BaseHTTPRequestHandler):
         self._respond(lambda: routes[path]() if path in routes else self._not_found())
 
     def do_POST(self) -> None:  # noqa: N802
+        admin = {"/v1/load_lora_adapter": self.service.load_lora_adapter,
+                 "/v1/unload_lora_adapter": self.service.unload_lora_adapter}.get(self.path.split("?")[0])
+        if admin is not None:
+            self._respond(lambda: admin(self._json_body()))
+            return
         route = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}.get(self.path.split("?")[0])
         try:
             call = self.service.parse(self._json_body(), route) if route else self._not_found()
@@ -533,8 +683,13 @@ class CompletionServer:
 
     def __init__(self, engine: ServingEngine, tokenizer, port: int = 0, window_ms: float = 15.0,
                  timeout_s: float = 600.0, verbose: bool = False, host: str = "127.0.0.1",
-                 socket_timeout_s: float = 30.0):
-        self.service = CompletionService(engine, tokenizer, window_ms / 1000, timeout_s)
+                 socket_timeout_s: float = 30.0, allow_runtime_lora: bool = False,
+                 lora_root: str | Path | None = None, batching: str = "continuous"):
+        if allow_runtime_lora and (lora_root is None or not Path(lora_root).is_dir()):
+            raise ValueError(f"allow_runtime_lora needs lora_root (--lora-root), an existing folder that holds the "
+                             f"adapters clients may load; got {lora_root!r}")
+        self.service = CompletionService(engine, tokenizer, window_ms / 1000, timeout_s,
+                                         lora_root if allow_runtime_lora else None, batching)
         self.httpd = _HttpServer((host, port), _Handler)
         self.httpd.service, self.httpd.verbose, self.httpd.socket_timeout_s = self.service, verbose, socket_timeout_s
         self._thread: threading.Thread | None = None

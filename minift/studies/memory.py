@@ -4,7 +4,9 @@ Lecture 003's table (a 7B model: full fine-tuning 84 GB, LoRA 16 GB, QLoRA 6 GB)
 handful of per-parameter and per-token costs. This module writes them down once and uses them
 twice: ``predict`` computes every row from the model config, the method and the batch shape;
 ``measure`` runs a real training step under ``tracemalloc`` (NumPy reports every array buffer to
-it) and reads the same rows off the allocator. ``ledger`` puts the two side by side.
+it) and reads the same rows off the allocator. ``ledger`` puts the two side by side;
+``compare_checkpointing`` measures a step twice, without and with gradient checkpointing, so
+what checkpointing saves is measured, not only projected.
 
 The rows (bytes):
 
@@ -59,6 +61,7 @@ class Precision:
     GPU setting lecture 003 assumes (bf16 model, fp32 master weights and Adam moments)."""
 
     weight: int = 4  # a stored (frozen or trainable) parameter
+    frozen_linear: int = 4  # a frozen Linear weight: 2 with a 16-bit base (minift finetune --base-dtype bf16)
     grad: int = 4
     master: int = 0  # an fp32 copy of each trainable parameter, kept by the optimizer
     moments: int = 8  # AdamW's m and v
@@ -67,7 +70,7 @@ class Precision:
 
 
 MINIFT = Precision()
-MIXED = Precision(weight=2, grad=2, master=4, moments=8, activation=2, checkpointing=True)
+MIXED = Precision(weight=2, frozen_linear=2, grad=2, master=4, moments=8, activation=2, checkpointing=True)
 
 
 # ---- counting parameters -------------------------------------------------------------------
@@ -126,17 +129,30 @@ def nf4_state_bytes(n: int, blocksize: int) -> int:
     return blocks + 4 * math.ceil(blocks / DOUBLE_QUANT_BLOCKSIZE) + 4
 
 
+def frozen_linear_count(c: LlamaConfig, method: str, o: MethodOptions) -> int:
+    """Weights of the frozen float ``Linear`` layers of the blocks: what ``cast_frozen``
+    (minift/nn/freeze.py) stores in 16 bits. All blocks under LoRA, none under QLoRA (they are
+    NF4), the frozen ones otherwise; the embedding and the head stay float32."""
+    blocks = c.n_layers if method == "lora" else 0 if method == "qlora" else _frozen_blocks(c, method, o)
+    return blocks * (parameter_counts(c)["linear"] // c.n_layers)
+
+
 def weight_bytes(c: LlamaConfig, method: str, o: MethodOptions, p: Precision = MINIFT) -> dict[str, int]:
     """Weights by storage type. QLoRA stores the block Linear weights in NF4 (embedding, norms,
-    biases and the adapters stay in float); every other method stores all of them in float."""
+    biases and the adapters stay in float); every other method stores all of them in float.
+    The "weights fp32" row holds every float weight: the frozen Linear ones at ``p.frozen_linear``
+    bytes each (2 with a 16-bit base), the rest at ``p.weight``."""
     counts = parameter_counts(c)
     adapters = lora_parameter_count(c, o) if method in ("lora", "qlora") else 0
+    narrow = frozen_linear_count(c, method, o)
+    narrowing = (p.weight - p.frozen_linear) * narrow  # bytes a 16-bit base saves
     if method != "qlora":
-        return {"weights fp32": p.weight * (sum(counts.values()) + adapters), "weights nf4 codes": 0,
+        return {"weights fp32": p.weight * (sum(counts.values()) + adapters) - narrowing, "weights nf4 codes": 0,
                 "weights nf4 state": 0}
     floats = counts["bias"] + counts["embedding"] + counts["norms"] + adapters
     state = c.n_layers * sum(nf4_state_bytes(o_ * i, o.nf4_blocksize) for o_, i in projection_shapes(c).values())
-    return {"weights fp32": p.weight * floats, "weights nf4 codes": counts["linear"] // 2, "weights nf4 state": state}
+    return {"weights fp32": p.weight * floats - narrowing, "weights nf4 codes": counts["linear"] // 2,
+            "weights nf4 state": state}
 
 
 def trained_linears(method: str, o: MethodOptions) -> tuple[str, ...]:
@@ -362,6 +378,38 @@ def ledger(model: Module, method: str, batch: int, seq: int, options: MethodOpti
     predicted = predict(model.config, method, batch, seq, options, Precision(checkpointing=checkpointing))
     measured = measure(model, method, batch, seq, options, checkpointing=checkpointing)
     return Ledger(method, batch, seq, predicted, measured, checkpointing)
+
+
+@dataclass
+class CheckpointingComparison:
+    """The same step measured (and predicted) twice, without and with gradient checkpointing:
+    what checkpointing saves is read off the allocator, not only projected from the formulas."""
+
+    plain: Ledger
+    checkpointed: Ledger
+
+    def ratio(self, row: str) -> float:
+        """Measured bytes with checkpointing / without."""
+        return self.checkpointed.measured[row] / max(self.plain.measured[row], 1)
+
+    def __str__(self) -> str:
+        p = self.plain
+        lines = [f"memory ledger: method {p.method}, batch {p.batch} x {p.seq} tokens, without and with "
+                 "gradient checkpointing (MiB)",
+                 f"{'':<20}{'plain':>20}{'checkpointed':>20}{'measured':>10}",
+                 f"{'':<20}{'predicted':>10}{'measured':>10}{'predicted':>10}{'measured':>10}{'ratio':>10}"]
+        for row in ROWS:
+            ratio = f"{self.ratio(row):9.2f}x" if p.measured[row] else "         -"
+            lines.append(f"{row:<20}{_mb(p.predicted[row])}{_mb(p.measured[row])}"
+                         f"{_mb(self.checkpointed.predicted[row])}{_mb(self.checkpointed.measured[row])}{ratio}")
+        return "\n".join(lines)
+
+
+def compare_checkpointing(model: Module, method: str, batch: int, seq: int,
+                          options: MethodOptions | None = None) -> CheckpointingComparison:
+    """``ledger`` of one step of ``model`` with ``method``, without and then with checkpointing."""
+    return CheckpointingComparison(ledger(model, method, batch, seq, options, checkpointing=False),
+                                   ledger(model, method, batch, seq, options, checkpointing=True))
 
 
 # ---- lecture 003's table at scale ----------------------------------------------------------------

@@ -35,6 +35,7 @@ import minift.autograd.functional as F
 from minift.allocator import keep_freed_memory
 from minift.autograd import no_grad
 from minift.backend import xp
+from minift.data.packing import PACKED_KEYS
 from minift.io import atomic_write_bytes
 from minift.optim import AdamW, clip_grad_norm_, get_scheduler, weight_decay_groups
 from minift.training.checkpoint import (
@@ -107,8 +108,11 @@ def causal_lm_loss(model, batch):
 
     ``labels`` are pre-shifted by the data pipeline: ``labels[b, t]`` is the token that should
     follow ``input_ids[b, t]``, with prompt and padding positions set to ``IGNORE_INDEX``.
+    A packed batch (``minift/data/packing.py``) also brings ``positions`` and ``segment_ids``,
+    which the model needs to keep its examples apart.
     """
-    return F.cross_entropy(model(batch["input_ids"]), batch["labels"])
+    packed = {key: batch[key] for key in PACKED_KEYS if key in batch}
+    return F.cross_entropy(model(batch["input_ids"], **packed), batch["labels"])
 
 
 def evaluate_loss(model, loader, loss_fn=causal_lm_loss) -> float:

@@ -10,6 +10,8 @@ servers are stopped in the fixtures' teardown.
 import http.client
 import json
 import socket
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -277,11 +279,21 @@ def test_a_huge_prompt_is_refused_by_its_length_before_it_is_tokenized(server, m
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
                             "ignore:invalid value encountered:RuntimeWarning")  # the overflowing adapter's
-def test_bad_and_good_requests_fired_together_the_good_ones_all_succeed(server, folders):
+@pytest.mark.parametrize("batching", ["static", "continuous"])
+def test_bad_and_good_requests_fired_together_the_good_ones_all_succeed(folders, batching):
     """Good requests (completions and chat, base and adapters, one streamed) together with bad
     ones: refused fields, NaN, a prompt too long, an unknown model, and an adapter whose rows
-    overflow inside the batch. The five good ones and the overflowing one reach the batcher,
-    whose window ends when the sixth (max_batch) arrives."""
+    overflow inside the batch. The five good ones and the overflowing one reach the batcher
+    together: the static window ends when the sixth (max_batch) arrives; the continuous batcher
+    is held between two steps until all six wait, so they join in one prefill."""
+    server = new_server(folders, batching=batching)
+    try:
+        check_good_and_bad_together(server, folders, batching)
+    finally:
+        server.stop()
+
+
+def check_good_and_bad_together(server, folders, batching):
     good = [("/v1/completions", {"model": "base", "prompt": "The claim", "max_tokens": 8, "temperature": 0}),
             ("/v1/completions", {"model": "base:r1", "prompt": "A policy", "max_tokens": 6, "temperature": 0}),
             ("/v1/chat/completions", chat_body("base:r3", max_tokens=7)),
@@ -300,14 +312,26 @@ def test_bad_and_good_requests_fired_together_the_good_ones_all_succeed(server, 
             return 200, {"choices": [{"text": joined("completions", stream(server, path, body)[:-1])}]}
         return post(server, path, body)
 
-    seen, batcher = len(server.service.engine.batch_sizes), server.service.batcher
-    batcher.window_s = 5.0
-    try:
-        with ThreadPoolExecutor(len(good) + len(bad)) as pool:
-            answers = list(pool.map(send, good + bad))
-    finally:
-        batcher.window_s = 0.02
-    assert 6 in server.service.engine.batch_sizes[seen:]  # the overflowing row shared a batch with the good
+    batcher, release = server.service.batcher, threading.Event()
+    if batching == "static":
+        batcher.window_s = 5.0
+    else:
+        held = threading.Event()
+        threading.Thread(target=batcher.run_between_steps, args=(lambda: held.set() or release.wait(),)).start()
+        assert held.wait(10)  # the batcher is between two steps now, and stays there until release
+    with ThreadPoolExecutor(len(good) + len(bad)) as pool:
+        pending = pool.map(send, good + bad)
+        for _ in range(2000):  # at most 20 s for six requests to be parsed and queued
+            if batcher.queue.qsize() == 6 or batching == "static":
+                break
+            time.sleep(0.01)
+        release.set()
+        answers = list(pending)
+    sizes = server.service.engine.batch_sizes
+    if batching == "static":
+        assert 6 in sizes  # the overflowing row shared a batch with the good ones
+    else:  # the six were prefilled together; the overflowing row left after it, the good ones ran on
+        assert sizes[0] == 5, sizes
     for (path, body), (status, answer) in zip(good, answers):
         assert status == 200, answer
         route = "chat" if "chat" in path else "completions"
