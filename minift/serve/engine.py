@@ -58,6 +58,7 @@ class Request:
     top_p: float | None = None
     seed: int = 0
     on_token: Callable[[int], bool] | None = field(default=None, repr=False, compare=False)
+    top_logprobs: int | None = None  # None: no log-probabilities; k: the chosen token's and the k likeliest
 
 
 @dataclass
@@ -69,6 +70,29 @@ class Completion:
     prompt_tokens: int
     logits: numpy.ndarray | None = None
     error: str | None = None  # why the row failed, when finish_reason is "error"
+    logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked (top_logprobs)
+
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for the most likely alternatives reported per token
+
+
+@dataclass
+class TokenLogprob:
+    """log p(token) under the model's own distribution (softmax of the raw logits, before any
+    temperature or top-p), and the ``top`` most likely tokens as (id, log p), likeliest first."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def token_logprob(logits: numpy.ndarray, token: int, k: int) -> TokenLogprob:
+    """The ``TokenLogprob`` of ``token`` from one row of logits (V,): a log-softmax in float64."""
+    z = logits.astype(numpy.float64)
+    z = z - z.max()
+    logp = z - numpy.log(numpy.exp(z).sum())
+    best = numpy.argsort(-logp, kind="stable")[:k]  # ties: the smaller id first
+    return TokenLogprob(token, float(logp[token]), [(int(i), float(logp[i])) for i in best])
 
 
 def plan_batches(requests: list[Request], n_slots: int, max_batch: int, context: int) -> list[list[int]]:
@@ -167,6 +191,9 @@ class ServingEngine:
             raise ValueError(f"top_p must be in (0, 1], got {r.top_p}")
         if not isinstance(r.seed, int) or r.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {r.seed!r}")
+        if r.top_logprobs is not None and not (isinstance(r.top_logprobs, int)
+                                               and 0 <= r.top_logprobs <= MAX_TOP_LOGPROBS):
+            raise ValueError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {r.top_logprobs!r}")
 
     def generate(self, requests: list[Request], record_logits: bool = False) -> list[Completion]:
         """Complete every request; batches come from ``plan_batches``, results in request order."""
@@ -238,6 +265,7 @@ class Row:
     rng: numpy.random.Generator
     tokens: list[int] = field(default_factory=list)
     logits: list = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
     finish: str | None = None
     error: str | None = None
 
@@ -255,13 +283,16 @@ class Row:
         self.tokens.append(token)
         if record_logits:
             self.logits.append(logits)
+        if r.top_logprobs is not None:
+            self.logprobs.append(token_logprob(logits, token, r.top_logprobs))
         if token == eos_id or (r.on_token is not None and r.on_token(token)):
             return "stop"
         return "length" if self.remaining == 0 else None
 
     def completion(self, record_logits: bool) -> Completion:
         return Completion(self.tokens, self.finish, len(self.request.prompt),
-                          numpy.array(self.logits) if record_logits else None, self.error)
+                          numpy.array(self.logits) if record_logits else None, self.error,
+                          None if self.request.top_logprobs is None else self.logprobs)
 
 
 class Batch:

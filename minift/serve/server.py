@@ -1,9 +1,11 @@
 """OpenAI-compatible endpoints over the multi-LoRA engine, standard library only.
 
     POST /v1/completions        {"model", "prompt", "max_tokens": 16, "temperature": 1.0, "top_p",
-                                 "seed", "stop", "stream", "stream_options": {"include_usage"}}
+                                 "seed", "stop", "stream", "stream_options": {"include_usage"},
+                                 "logprobs": 0-5 (not streamed)}; a prompt is a string or token ids
     POST /v1/chat/completions   the same with "messages": [{"role", "content"}, ...] instead of
-                                 "prompt", rendered with the tokenizer's chat template
+                                 "prompt", rendered with the tokenizer's chat template;
+                                 "logprobs": true, "top_logprobs": 0-20
     GET  /v1/models[/{id}]      "base" and one "base:<adapter>" per loaded adapter
     GET  /v1/stats              recent batch sizes and the adapter cache's hits, misses, bytes
     POST /v1/load_lora_adapter   {"lora_name", "lora_path"}: load an adapter while serving, and
@@ -46,7 +48,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote
 
-from minift.serve.engine import Completion, Request, ServingEngine
+import numpy
+
+from minift.serve.engine import MAX_TOP_LOGPROBS, Completion, Request, ServingEngine
 from minift.serve.library import AdapterError
 from minift.serve.scheduler import Scheduler
 
@@ -57,10 +61,11 @@ MAX_STOP_STRINGS = 4  # OpenAI's limit
 ROLES = ("system", "user", "assistant")
 
 SAMPLING_FIELDS = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options", "user"}
-FIELDS = {"completions": SAMPLING_FIELDS | {"prompt"},
-          "chat": SAMPLING_FIELDS | {"messages", "max_completion_tokens"}}
+FIELDS = {"completions": SAMPLING_FIELDS | {"prompt", "logprobs"},
+          "chat": SAMPLING_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}}
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions' "logprobs"
 #: fields accepted only at the value that changes nothing; any other value is a 400 naming them
-NEUTRAL = {"n": (1,), "logprobs": (None, False), "top_logprobs": (None, 0), "echo": (False,), "best_of": (1,),
+NEUTRAL = {"n": (1,), "echo": (False,), "best_of": (1,),
            "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": (None, {}), "suffix": (None,),
            "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None,),
            "parallel_tool_calls": (None,), "response_format": (None, {"type": "text"})}
@@ -339,6 +344,41 @@ def _stops(body: dict) -> list[str]:
     return stops
 
 
+def _top_logprobs(body: dict, route: str, stream: bool) -> int | None:
+    """How many alternatives per token the client wants, or None for no log-probabilities.
+
+    Completions: ``"logprobs": k`` (0-5). Chat: ``"logprobs": true`` and ``"top_logprobs": k``
+    (0-20). Not with ``stream`` (refused: the streamed chunks carry text only).
+    """
+    wanted = body.get("logprobs")
+    if route == "chat":
+        if wanted is not None and not isinstance(wanted, bool):
+            raise HttpError(400, f"'logprobs' must be true or false, got {json.dumps(wanted)}", "logprobs")
+        top = body.get("top_logprobs")
+        if top is not None and not wanted:
+            raise HttpError(400, "'top_logprobs' needs \"logprobs\": true", "top_logprobs")
+        k, name, high = (top or 0) if wanted else None, "top_logprobs", MAX_TOP_LOGPROBS
+    else:
+        k, name, high = wanted, "logprobs", MAX_COMPLETION_LOGPROBS
+    if k is None:
+        return None
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= high:
+        raise HttpError(400, f"'{name}' must be an integer in [0, {high}], got {json.dumps(k)}", name)
+    if stream:
+        raise HttpError(400, "log-probabilities are not streamed by this server; leave out 'logprobs' "
+                             "or 'stream'", "logprobs")
+    return k
+
+
+def _by_text(top: list[tuple[int, float]], text) -> dict[str, float]:
+    """{token text: log p}, likeliest first. Tokens that are parts of characters all decode to
+    U+FFFD; where texts collide, the likeliest token's entry stands (the dict has fewer keys)."""
+    alternatives: dict[str, float] = {}
+    for token, logprob in top:
+        alternatives.setdefault(text(token), logprob)
+    return alternatives
+
+
 def _include_usage(body: dict, stream: bool) -> bool:
     options = body.get("stream_options")
     if options is None:
@@ -431,12 +471,9 @@ class CompletionService:
         if not isinstance(model, str):
             raise HttpError(400, f"'model' must be a string like {BASE!r} or '{BASE}:<adapter>'", "model")
         adapter = self._adapter(model)
-        text = self._chat_prompt(body) if route == "chat" else self._prompt(body)
         param = "messages" if route == "chat" else "prompt"
-        if len(text) > self.max_prompt_chars:  # before BPE, whose cost grows faster than the text
-            raise HttpError(400, f"the prompt is {len(text)} characters; no text over {self.max_prompt_chars} "
-                                 f"characters fits the context of {self.engine.context} tokens", param)
-        ids = self.tokenizer.encode(text)
+        prompt = self._chat_prompt(body) if route == "chat" else self._prompt(body)
+        ids = prompt if isinstance(prompt, list) else self._encode(prompt, param)
         room = self.engine.context - len(ids)
         if room < 1:
             raise HttpError(400, f"the prompt is {len(ids)} tokens; the context holds {self.engine.context}, "
@@ -457,6 +494,7 @@ class CompletionService:
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise HttpError(400, f"'stream' must be true or false, got {json.dumps(stream)}", "stream")
+        request.top_logprobs = _top_logprobs(body, route, stream)
         return Call(route, model, request, _stops(body), stream, _include_usage(body, stream))
 
     def _adapter(self, model: str) -> str | None:
@@ -469,12 +507,26 @@ class CompletionService:
         return adapter or None
 
     @staticmethod
-    def _prompt(body: dict) -> str:
+    def _prompt(body: dict) -> str | list[int]:
+        """A completion's prompt: a string, a list of one string, or token ids (a list of ints,
+        used as they are). Several prompts in one request would be several choices: refused."""
         prompt = body.get("prompt")
-        if not isinstance(prompt, str) or not prompt:
-            raise HttpError(400, "'prompt' must be a non-empty string (lists and token ids are not supported)",
-                            "prompt")
-        return prompt
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]  # [text] or [[ids]]: one prompt in a list
+        if isinstance(prompt, str) and prompt:
+            return prompt
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return prompt
+        if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
+            raise HttpError(400, f"'prompt' holds {len(prompt)} prompts; this server answers one per request "
+                                 "(send them as separate requests: they are batched together anyway)", "prompt")
+        raise HttpError(400, "'prompt' must be a non-empty string or a non-empty list of token ids", "prompt")
+
+    def _encode(self, text: str, param: str) -> list[int]:
+        if len(text) > self.max_prompt_chars:  # before BPE, whose cost grows faster than the text
+            raise HttpError(400, f"the prompt is {len(text)} characters; no text over {self.max_prompt_chars} "
+                                 f"characters fits the context of {self.engine.context} tokens", param)
+        return self.tokenizer.encode(text)
 
     def _chat_prompt(self, body: dict) -> str:
         """The conversation rendered by the model's chat template, ending in an opened assistant
@@ -510,10 +562,31 @@ class CompletionService:
         if job.error:
             raise job.error
         finish = self._finish_reason(job)
+        logprobs = self._logprobs(call.route, job.result.logprobs)
         choice = ({"index": 0, "message": {"role": "assistant", "content": job.text.text}, "finish_reason": finish,
-                   "logprobs": None} if call.route == "chat" else
-                  {"index": 0, "text": job.text.text, "finish_reason": finish, "logprobs": None})
+                   "logprobs": logprobs} if call.route == "chat" else
+                  {"index": 0, "text": job.text.text, "finish_reason": finish, "logprobs": logprobs})
         return {**self._head(call, chunk=False), "choices": [choice], "usage": self._usage(job)}
+
+    def _logprobs(self, route: str, logprobs) -> dict | None:
+        """``Completion.logprobs`` in the route's OpenAI shape: chat's ``{"content": [{"token",
+        "logprob", "bytes", "top_logprobs"}]}``, completions' parallel lists ``tokens``,
+        ``token_logprobs``, ``top_logprobs`` ({token: logprob}) and ``text_offset``. A token that
+        is only part of a character decodes to U+FFFD; ``bytes`` (chat) has its UTF-8 bytes."""
+        if logprobs is None:
+            return None
+        def text(token: int) -> str:
+            return self.tokenizer.decode([token])
+
+        if route == "chat":
+            def entry(i, lp):
+                return {"token": text(i), "logprob": lp, "bytes": list(text(i).encode())}
+            return {"content": [{**entry(t.token, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top]}
+                                for t in logprobs]}
+        tokens = [text(t.token) for t in logprobs]
+        offsets = numpy.cumsum([0] + [len(t) for t in tokens[:-1]]).tolist()
+        return {"tokens": tokens, "token_logprobs": [t.logprob for t in logprobs],
+                "top_logprobs": [_by_text(t.top, text) for t in logprobs], "text_offset": offsets}
 
     def chunks(self, call: Call, job: Job):
         """The streamed response: one chunk per piece of new text, a last chunk with the finish

@@ -106,5 +106,18 @@ def test_models_and_errors_through_the_client(client):
         client.completions.create(model="nope", prompt=PROMPT, max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="'n' is not supported"):
         client.completions.create(model="base", prompt=PROMPT, max_tokens=2, n=2)
-    with pytest.raises(openai.BadRequestError, match="'logprobs' is not supported"):
-        client.chat.completions.create(model="base", messages=[{"role": "user", "content": "hi"}], logprobs=True)
+    with pytest.raises(openai.BadRequestError, match="are not streamed"):
+        client.chat.completions.create(model="base", messages=[{"role": "user", "content": "hi"}], logprobs=True,
+                                       stream=True)
+
+
+def test_logprobs_through_the_client(client):
+    chat = client.chat.completions.create(model="base:legal", messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    assert all(len(c.top_logprobs) == 2 and c.logprob == c.top_logprobs[0].logprob for c in content)  # greedy
+    text = client.completions.create(model="base", prompt=PROMPT, max_tokens=4, temperature=0, logprobs=1)
+    logprobs = text.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == text.usage.completion_tokens
+    assert all(lp == max(top.values()) for lp, top in zip(logprobs.token_logprobs, logprobs.top_logprobs))

@@ -20,7 +20,7 @@ from serve_fixtures import base_model, write_adapters, write_overflowing_adapter
 
 from minift.data import ByteTokenizer
 from minift.peft import PeftModel
-from minift.serve.engine import build_engine
+from minift.serve.engine import Request, build_engine
 from minift.serve.server import LISTEN_BACKLOG, CompletionServer, StopText
 from minift.studies.serve_bench import post_json
 
@@ -206,10 +206,13 @@ def test_an_adapter_named_alone_is_the_same_model_as_base_colon_name(server):
 GOOD_PROMPT = {"model": "base", "prompt": "hi", "max_tokens": 2}
 REFUSED = [
     ("/v1/completions", {**GOOD_PROMPT, "n": 2}, "n", "'n' is not supported by this server; leave it out (or send 1)"),
-    ("/v1/completions", {**GOOD_PROMPT, "logprobs": 3}, "logprobs", "'logprobs' is not supported"),
+    ("/v1/completions", {**GOOD_PROMPT, "logprobs": 6}, "logprobs", "'logprobs' must be an integer in [0, 5]"),
+    ("/v1/completions", {**GOOD_PROMPT, "logprobs": 2, "stream": True}, "logprobs", "are not streamed"),
     ("/v1/completions", {**GOOD_PROMPT, "echo": True}, "echo", "'echo' is not supported"),
     ("/v1/chat/completions", chat_body("base", tools=[{"type": "function"}]), "tools", "'tools' is not supported"),
-    ("/v1/chat/completions", chat_body("base", logprobs=True), "logprobs", "'logprobs' is not supported"),
+    ("/v1/chat/completions", chat_body("base", top_logprobs=3), "top_logprobs", 'needs "logprobs": true'),
+    ("/v1/chat/completions", chat_body("base", logprobs=True, top_logprobs=21), "top_logprobs", "[0, 20]"),
+    ("/v1/chat/completions", chat_body("base", logprobs=1), "logprobs", "'logprobs' must be true or false"),
     ("/v1/completions", {**GOOD_PROMPT, "best_of": 2}, "best_of", "'best_of' is not supported"),
     ("/v1/completions", {**GOOD_PROMPT, "foo": 1}, "foo", "unknown field 'foo'; this route takes ["),
     ("/v1/completions", {**GOOD_PROMPT, "messages": CHAT}, "messages", "unknown field 'messages'"),
@@ -360,3 +363,71 @@ def test_a_client_that_promises_more_body_than_it_sends_is_timed_out(folders):
         assert post(srv, "/v1/completions", GOOD_PROMPT)[0] == 200
     finally:
         srv.stop()
+
+
+def reference_logprobs(folders, ids: list[int], adapter, max_tokens: int, k: int):
+    """(tokens, log p of each, the k likeliest ids per step) from the engine's recorded logits,
+    by a plain float64 log-softmax: the numbers the routes must report. The model is float32 and
+    the server's rows may share a batch, so the logits agree to float32 rounding: 1e-5."""
+    engine = build_engine(server_base(), {a: folders[a] for a in [adapter] if a}, eos_id=TOK.eos_id)
+    done = engine.generate([Request(ids, adapter, max_tokens)], record_logits=True)[0]
+    logits = done.logits.astype(np.float64)
+    logp = logits - logits.max(axis=1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))
+    chosen = [float(logp[i, t]) for i, t in enumerate(done.tokens)]
+    return done.tokens, chosen, [np.argsort(-row, kind="stable")[:k].tolist() for row in logp], logp
+
+
+def test_completion_logprobs_are_the_models_log_softmax(server, folders):
+    status, answer = post(server, "/v1/completions", {"model": "base:r1", "prompt": "The claim", "max_tokens": 6,
+                                                      "temperature": 0, "logprobs": 3})
+    assert status == 200, answer
+    got = answer["choices"][0]["logprobs"]
+    tokens, chosen, top, logp = reference_logprobs(folders, TOK.encode("The claim"), "r1", 6, 3)
+    assert got["tokens"] == [TOK.decode([t]) for t in tokens]
+    np.testing.assert_allclose(got["token_logprobs"], chosen, rtol=0, atol=1e-5)
+    for step, (alternatives, ids) in enumerate(zip(got["top_logprobs"], top)):
+        expected = {}
+        for i in ids:  # partial characters all read U+FFFD: the likeliest of them keeps the key
+            expected.setdefault(TOK.decode([i]), logp[step, i])
+        assert list(alternatives) == list(expected)
+        np.testing.assert_allclose(list(alternatives.values()), list(expected.values()), rtol=0, atol=1e-5)
+    assert got["token_logprobs"][0] == max(got["top_logprobs"][0].values())  # greedy picks the likeliest
+    assert got["text_offset"] == np.cumsum([0] + [len(t) for t in got["tokens"][:-1]]).tolist()
+
+
+def test_chat_logprobs_in_openai_shape(server, folders):
+    status, answer = post(server, "/v1/chat/completions", chat_body("base", max_tokens=5, logprobs=True,
+                                                                    top_logprobs=2))
+    assert status == 200, answer
+    content = answer["choices"][0]["logprobs"]["content"]
+    ids = TOK.encode(TOK.apply_chat_template(CHAT, add_generation_prompt=True))
+    tokens, chosen, top, _ = reference_logprobs(folders, ids, None, 5, 2)
+    assert [c["token"] for c in content] == [TOK.decode([t]) for t in tokens]
+    np.testing.assert_allclose([c["logprob"] for c in content], chosen, rtol=0, atol=1e-5)
+    assert [[a["token"] for a in c["top_logprobs"]] for c in content] == [[TOK.decode([i]) for i in t] for t in top]
+    assert all(c["bytes"] == list(c["token"].encode()) for c in content)
+    status, plain = post(server, "/v1/chat/completions", chat_body("base", max_tokens=5))
+    assert plain["choices"][0]["logprobs"] is None
+    assert plain["choices"][0]["message"] == answer["choices"][0]["message"]
+
+
+def test_a_token_id_prompt_and_a_one_string_list_equal_the_string_prompt(server):
+    text = {"model": "base:r1", "prompt": "A policy", "max_tokens": 6, "temperature": 0}
+    _, plain = post(server, "/v1/completions", text)
+    for prompt in (TOK.encode("A policy"), ["A policy"], [TOK.encode("A policy")]):
+        status, answer = post(server, "/v1/completions", {**text, "prompt": prompt})
+        assert status == 200, answer
+        assert answer["choices"][0]["text"] == plain["choices"][0]["text"]
+        assert answer["usage"] == plain["usage"]
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ([], "'prompt' must be a non-empty string or a non-empty list of token ids"),
+    ([1, True], "'prompt' must be a non-empty string or a non-empty list of token ids"),
+    ([1, 10**9], "prompt token ids must be in [0, "),
+    ([[1, 2], [3]], "'prompt' holds 2 prompts"),
+])
+def test_bad_token_id_prompts_are_refused(server, prompt, message):
+    status, answer = post(server, "/v1/completions", {"model": "base", "prompt": prompt, "max_tokens": 2})
+    assert status == 400 and message in answer["error"]["message"], answer

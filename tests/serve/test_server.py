@@ -92,7 +92,7 @@ BAD = [
     ({"model": "base:", "prompt": "hi"}, 404, "model 'base:' does not exist"),
     ({"prompt": "hi"}, 400, "'model' must be a string"),
     ({"model": "base", "prompt": 5}, 400, "'prompt' must be a non-empty string"),
-    ({"model": "base", "prompt": ["a", "b"]}, 400, "lists and token ids are not supported"),
+    ({"model": "base", "prompt": ["a", "b"]}, 400, "'prompt' holds 2 prompts; this server answers one"),
     ({"model": "base", "prompt": ""}, 400, "'prompt' must be a non-empty string"),
     ({"model": "base", "prompt": "x" * CONTEXT}, 400, f"the prompt is {CONTEXT} tokens; the context holds {CONTEXT}"),
     ({"model": "base", "prompt": "hi", "max_tokens": CONTEXT - 1}, 400,
