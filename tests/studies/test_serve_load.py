@@ -92,11 +92,12 @@ def engine(tmp_path_factory):
     return build_engine(model, adapters, n_slots=2, max_batch=8, eos_id=tok.eos_id), tok
 
 
-def test_a_short_run_answers_every_request_and_its_counts_add_up(engine):
+@pytest.mark.parametrize("batching", ["static", "continuous"])
+def test_a_short_run_answers_every_request_and_its_counts_add_up(engine, batching):
     engine, tok = engine
     spec = LoadSpec(requests=8, rate=200.0, prompt_words=(1, 6), max_tokens=(2, 6), seed=1)
     batches_before = len(engine.batch_sizes)
-    report = run_load(engine, tok, spec, window_ms=5)
+    report = run_load(engine, tok, spec, batching, window_ms=5)
     schedule = load_schedule(spec, ["a", "b"])
     assert (report["requests"], report["completed"], report["failed"], report["failures"]) == (8, 8, 0, [])
     outcomes = report["outcomes"]
@@ -110,8 +111,11 @@ def test_a_short_run_answers_every_request_and_its_counts_add_up(engine):
     assert report["wall_s"] == max(o["sent_s"] + o["latency_s"] for o in outcomes)
     assert report["tokens_per_s"] == report["output_tokens"] / report["wall_s"]
     assert report["ttft_s"]["p50"] <= report["ttft_s"]["p99"] <= report["latency_s"]["p99"]
-    new_batches = len(engine.batch_sizes) - batches_before
-    assert sum(report["server_stats"]["batch_sizes"][-new_batches:]) == 8  # static: each request in one batch
+    recorded = report["server_stats"]["batch_sizes"][batches_before - len(engine.batch_sizes):]
+    if batching == "static":
+        assert sum(recorded) == 8  # each request in one batch
+    else:  # rows per decode step: every token but the one each request's prefill gave
+        assert sum(recorded) == report["output_tokens"] - 8
 
 
 def test_refused_requests_are_counted_as_failures_not_raised(engine):
