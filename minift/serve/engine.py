@@ -91,8 +91,24 @@ def token_logprob(logits: numpy.ndarray, token: int, k: int) -> TokenLogprob:
     z = logits.astype(numpy.float64)
     z = z - z.max()
     logp = z - numpy.log(numpy.exp(z).sum())
-    best = numpy.argsort(-logp, kind="stable")[:k]  # ties: the smaller id first
-    return TokenLogprob(token, float(logp[token]), [(int(i), float(logp[i])) for i in best])
+    return TokenLogprob(token, float(logp[token]), [(int(i), float(logp[i])) for i in top_k(logp, k)])
+
+
+def top_k(scores: numpy.ndarray, k: int) -> numpy.ndarray:
+    """The ids of the ``k`` largest of ``scores`` (V,), largest first; ties: the smaller id first.
+
+    A full sort costs O(V log V) per token, and a logprobs request asks this at every token of
+    every row; ``argpartition`` finds the k largest in O(V) and only those k are sorted. The
+    partition cuts ties at its boundary arbitrarily, so every score equal to the k-th largest is
+    taken and the cut is made after sorting by (score, id): the same ids a stable full sort gives.
+    """
+    if k <= 0:
+        return numpy.empty(0, dtype=numpy.int64)
+    if k >= len(scores):
+        return numpy.argsort(-scores, kind="stable")
+    kth = scores[numpy.argpartition(-scores, k - 1)[k - 1]]  # the k-th largest value
+    candidates = numpy.flatnonzero(scores >= kth)  # ascending ids: the stable sort keeps them so
+    return candidates[numpy.argsort(-scores[candidates], kind="stable")][:k]
 
 
 def plan_batches(requests: list[Request], n_slots: int, max_batch: int, context: int) -> list[list[int]]:
@@ -262,12 +278,18 @@ class Row:
     """One request's progress: its sampler, its new tokens (and logits), and how it ended."""
 
     request: Request
-    rng: numpy.random.Generator
+    rng: numpy.random.Generator | None  # None only for a row that failed before it decoded
     tokens: list[int] = field(default_factory=list)
     logits: list = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish: str | None = None
     error: str | None = None
+
+    @classmethod
+    def failed(cls, request: Request, message: str) -> Row:
+        """A row that ended with ``message`` before it had a batch (its adapter could not get a
+        slot, or its batch could not be built): no sampler, no tokens, ``finish="error"``."""
+        return cls(request, None, finish="error", error=message)
 
     @property
     def remaining(self) -> int:

@@ -108,9 +108,8 @@ class Scheduler:
         except Exception as exc:
             if len(requests) > 1:
                 return self._prefill_alone(requests, pinned)
-            row = Row(requests[0], None) if batch is None else batch.rows[0]
-            row.finish, row.error = "error", f"the prefill failed: {type(exc).__name__}: {exc}"
-            return None, [row]
+            message = f"the prefill failed: {type(exc).__name__}: {exc}"
+            return None, [Row.failed(requests[0], message)] if batch is None else batch.fail(message)
         return batch, batch.advance(logits, engine.eos_id, self.record_logits)
 
     def _prefill_alone(self, requests: list[Request], pinned: set[str]) -> tuple[Batch | None, list[Row]]:

@@ -4,9 +4,11 @@ with minift's own ``PeftModel`` (the training path), plus the merged reference m
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 
+from minift.io import load_file, save_file
 from minift.models import LlamaConfig, LlamaForCausalLM
 from minift.peft import LoraConfig, PeftModel, get_peft_model
 from minift.serve import AdapterLibrary, ServingEngine
@@ -38,6 +40,17 @@ def write_adapters(root, names=tuple(ADAPTERS), **overrides) -> dict:
                 p.data = rng.normal(0.0, 0.3, p.shape)
         folders[name] = peft.save_pretrained(root / name)
     return folders
+
+
+def rewrite(folder, tmp_path, change):
+    """A copy of the adapter in ``folder`` with ``change(tensors, config)`` applied: how the
+    library's checks are shown a broken adapter."""
+    tensors = load_file(folder / "adapter_model.safetensors")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    change(tensors, config)
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    return tmp_path
 
 
 def make_engine(folders: dict, dtype=np.float64, **engine_kwargs) -> ServingEngine:

@@ -1,16 +1,14 @@
 """The adapter library (loading, checks) and the device-slot cache (LRU, budget, stats)."""
 
-import json
 from collections import OrderedDict
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from serve_fixtures import ADAPTERS, base_model, make_engine, write_adapters
+from serve_fixtures import ADAPTERS, base_model, make_engine, rewrite, write_adapters
 
 from minift.backend import to_numpy
-from minift.io import load_file, save_file
 from minift.serve import AdapterError, AdapterLibrary, Request, SlotBudgetError, plan_batches
 
 
@@ -127,16 +125,6 @@ def test_plan_caps_rows_and_the_padded_context():
 
 
 # ---- the library ----------------------------------------------------------------------------
-def rewrite(folder, tmp_path, change):
-    """A copy of the adapter in ``folder`` with ``change(tensors, config)`` applied."""
-    tensors = load_file(folder / "adapter_model.safetensors")
-    config = json.loads((folder / "adapter_config.json").read_text())
-    change(tensors, config)
-    save_file(tensors, tmp_path / "adapter_model.safetensors")
-    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
-    return tmp_path
-
-
 Q = "base_model.model.model.layers.0.self_attn.q_proj"
 
 

@@ -2,13 +2,10 @@
 the modules its config's scope names on this base are exactly the saved ones, shapes fit,
 values are finite, the rank fits the slots; unloading frees the slot only once no row uses it."""
 
-import json
-
 import numpy as np
 import pytest
-from serve_fixtures import base_model, make_engine, merged_reference, write_adapters
+from serve_fixtures import base_model, make_engine, merged_reference, rewrite, write_adapters
 
-from minift.io import load_file, save_file
 from minift.serve import AdapterError, AdapterLibrary, Request, ServingEngine
 
 PREFIX = "base_model.model.model.layers"
@@ -17,16 +14,6 @@ PREFIX = "base_model.model.model.layers"
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     return write_adapters(tmp_path_factory.mktemp("adapters"))
-
-
-def rewrite(folder, tmp_path, change):
-    """A copy of the adapter in ``folder`` with ``change(tensors, config)`` applied."""
-    tensors = load_file(folder / "adapter_model.safetensors")
-    config = json.loads((folder / "adapter_config.json").read_text())
-    change(tensors, config)
-    save_file(tensors, tmp_path / "adapter_model.safetensors")
-    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
-    return tmp_path
 
 
 def drop_pair(module):
