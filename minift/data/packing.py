@@ -5,9 +5,10 @@ chats is mostly padding: forward and backward spend their matmuls on tokens whos
 away. Packing lays whole examples end to end in rows of at most ``max_len`` tokens instead, the
 trick of the T5 and GPT pretraining pipelines, made exact for fine-tuning by three things each row carries:
 
-- ``segment_ids``: 1, 2, ... for the examples of the row, 0 on padding. The model turns them into a
-  block-diagonal causal mask (``minift.autograd.attention.segment_mask``): a token attends only to
-  earlier tokens *of its own example*.
+- ``segment_ids``: 1, 2, ... for the examples of the row, 0 on padding. A token attends only to
+  earlier tokens *of its own example*: the model computes each example's own causal block
+  (``minift.autograd.attention.SegmentAttention``), which equals full attention under the
+  block-diagonal mask ``segment_mask`` at the cost of the blocks alone.
 - ``positions``: restart at 0 for every example, so RoPE rotates each one as if it were alone.
 - ``labels``: each example keeps its own. Labels in minift are already shifted inside each example
   (``labels[t]`` is the example's own token ``t + 1``, see ``encode_example``), so the last token

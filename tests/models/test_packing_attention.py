@@ -1,6 +1,9 @@
-"""Packed rows in the model (issue 19): the block-diagonal mask keeps examples apart, so a packed
-batch has the padded batch's loss and gradients; LoRA and gradient checkpointing carry it through,
-prefix tuning and generation refuse it."""
+"""Packed rows in the model (issue 19): attention by segment blocks keeps examples apart, so a packed
+batch has the padded batch's loss and gradients, and the reference's (full rows under the
+block-diagonal mask); LoRA and gradient checkpointing carry it through, prefix tuning and
+generation refuse it."""
+
+from unittest.mock import patch
 
 import numpy as np
 import pytest
@@ -33,16 +36,36 @@ def examples(lengths, seed=0):
     return out
 
 
-def loss_and_gradients(model, batch):
+def loss_and_gradients(model, batch, reference_attention=False):
+    """``reference_attention``: full rows under ``segment_mask`` instead of the segment blocks."""
     model.zero_grad()
-    loss = causal_lm_loss(model, batch)
+    if reference_attention:
+        reference = segment_mask(batch["segment_ids"])
+        with patch.object(LlamaForCausalLM, "_packed_layout", lambda *args: reference):
+            loss = causal_lm_loss(model, batch)
+    else:
+        loss = causal_lm_loss(model, batch)
     loss.backward()
     return loss.item(), {n: p.grad.copy() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_segment_mask_is_true_within_a_segment_only():
+def test_segment_mask_is_true_within_a_segment_only_and_padding_sees_nothing():
     mask = segment_mask(np.array([[1, 1, 2, 0]]))
-    assert mask[0].astype(int).tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
+    assert mask[0].astype(int).tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]]
+
+
+def test_the_segment_path_gives_the_models_reference_attention_outputs_and_gradients():
+    """The model with the layout of its packed rows against the same model attending over full
+    rows under ``segment_mask`` (the reference), with and without gradient checkpointing."""
+    batch = collate_packed(pack_examples(examples([5, 9, 3, 7, 4, 6, 16]), max_len=16), pad_id=0)
+    model = small_model()
+    want_loss, want_grads = loss_and_gradients(model, batch, reference_attention=True)
+    for checkpointing in (False, True):
+        model.model.gradient_checkpointing = checkpointing
+        loss, grads = loss_and_gradients(model, batch)
+        assert abs(loss - want_loss) < 1e-12
+        for name, grad in want_grads.items():
+            np.testing.assert_allclose(grads[name], grad, rtol=0, atol=1e-12, err_msg=name)
 
 
 def test_a_packed_batch_has_the_padded_batchs_loss_and_gradients():
@@ -110,6 +133,9 @@ def test_prefix_tuning_generation_and_missing_positions_are_refused_with_the_rea
               segment_ids=batch["segment_ids"])
     with pytest.raises(ValueError, match="must have the shape of input_ids"):
         model(batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"][:, :-1])
+    with pytest.raises(ValueError, match=r"attention_mask must be True exactly where segment_ids is not 0"):
+        model(batch["input_ids"], attention_mask=np.zeros(batch["input_ids"].shape, dtype=bool),
+              positions=batch["positions"], segment_ids=batch["segment_ids"])
 
 
 @settings(max_examples=15, deadline=None)
