@@ -19,7 +19,9 @@ layer). For LoRA and QLoRA the PyTorch side also calls ``enable_input_require_gr
 layers' input would not require a gradient, and reentrant checkpointing would then skip the
 backward through them (the LoRA weights would get no gradient).
 
-One step is forward, cross-entropy, backward, gradient clipping at 1.0, AdamW, zero_grad. Each
+One step is forward, cross-entropy, backward, gradient clipping at 1.0, AdamW, zero_grad. minift
+trains as its Trainer does, with the head fused into the loss (``model.loss``: the (B, T, V) logits
+are never whole); the PyTorch side computes the logits then the loss, as transformers' models do. Each
 (side, method, checkpointing) runs in its own fresh process, so its peak resident memory is its own: the peak
 is reset (``/proc/self/clear_refs``) once the model and optimizer exist, and read back after the
 steps (after ``malloc_trim``, so what loading freed — the float weights replaced by NF4 codes —
@@ -118,7 +120,6 @@ def _seconds(fn) -> float:
 
 # ---- one side, one method, in its own process ----------------------------------------------------
 def minift_step(method: str, ids, targets, checkpointing: bool):
-    import minift.autograd.functional as F
     from minift import load_pretrained
     from minift.autograd import elementwise
     from minift.optim import AdamW, clip_grad_norm_
@@ -140,7 +141,7 @@ def minift_step(method: str, ids, targets, checkpointing: bool):
         return out
 
     def step():
-        F.cross_entropy(model(ids), targets).backward()
+        model.loss(ids, targets).backward()  # the head fused with the loss, as minift trains
         clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad()

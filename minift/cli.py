@@ -18,6 +18,7 @@
     minift memory --params 7e9                    lecture 003's memory table (full / LoRA / QLoRA), assumptions printed
     minift memory --model runs/tiny --method qlora --batch 4 --seq 64     predicted vs measured (tracemalloc)
     minift memory --model runs/tiny --method lora --compare-checkpointing   measured with and without checkpointing
+    minift memory --model runs/tiny --method lora --base-dtype bf16   the step with a 16-bit frozen base
     minift kernels check                          every CUDA kernel vs its NumPy reference (emulator, GPU)
 
     minift export --model runs/ft --format hf --out exports/ft             a Hugging Face folder (transformers, vLLM)
@@ -174,10 +175,12 @@ def _packed_loader(dataset, context: int, args, pad_id: int) -> DataLoader:
 
 
 def _store_base(model, dtype: str) -> None:
-    """--base-dtype: the frozen Linear weights stored in 16 bits, widened per product (docs/training.md)."""
+    """--base-dtype: the frozen Linear weights and embedding stored in 16 bits, widened per product
+    (docs/training.md)."""
     if dtype != "float32":
         names = cast_frozen(model, dtype)
-        print(f"frozen base: {len(names)} Linear weights stored in {dtype}; what trains stays float32")
+        print(f"frozen base: {len(names)} weights (the Linear ones and the embedding) stored in {dtype}; "
+              "what trains stays float32")
 
 
 def _save_trained(model, tok, args, options: MethodOptions) -> None:
@@ -445,14 +448,17 @@ def cmd_memory(args) -> None:
         if args.gradient_checkpointing or args.compare_checkpointing:
             raise ValueError("minift memory: --gradient-checkpointing and --compare-checkpointing measure a "
                              "--model; the --params projection already assumes checkpointing (drop the flag)")
+        if args.base_dtype != "float32":
+            raise ValueError("minift memory: --base-dtype measures a --model; the --params projection already "
+                             "assumes bf16 weights (drop the flag)")
         print(memory.format_projection(args.params, seq=args.seq or 2048, batch=args.batch))
         return
     model, _ = _load(args.model)
     shape = (model, args.method, args.batch, args.seq or 64, MethodOptions(lora_r=args.lora_r))
     if args.compare_checkpointing:
-        print(memory.compare_checkpointing(*shape))
+        print(memory.compare_checkpointing(*shape, base_dtype=args.base_dtype))
     else:
-        print(memory.ledger(*shape, checkpointing=args.gradient_checkpointing))
+        print(memory.ledger(*shape, checkpointing=args.gradient_checkpointing, base_dtype=args.base_dtype))
 
 
 def _add_training_flags(p) -> None:
@@ -723,7 +729,8 @@ minift kernels check""", cmd_kernels)
     p = _command(sub, "memory", "the memory ledger: bytes of weights, gradients, optimizer, activations", """
 minift memory --params 7e9
 minift memory --model runs/tiny --method qlora --batch 4 --seq 64
-minift memory --model smollm2 --method lora --batch 2 --seq 64 --compare-checkpointing""", cmd_memory)
+minift memory --model smollm2 --method lora --batch 2 --seq 64 --compare-checkpointing
+minift memory --model smollm2 --method lora --batch 2 --seq 64 --base-dtype bf16""", cmd_memory)
     p.add_argument("--params", type=float, help="project lecture 003's table to N parameters (e.g. 7e9)")
     p.add_argument("--model", help="predict and measure one training step of this model")
     p.add_argument("--method", default="lora", choices=LEDGER_METHODS, help="which weights train")
@@ -733,6 +740,7 @@ minift memory --model smollm2 --method lora --batch 2 --seq 64 --compare-checkpo
     _add_checkpointing_flag(p)
     p.add_argument("--compare-checkpointing", action="store_true", help="measure the step twice, without and "
                    "with gradient checkpointing, and print both columns and their ratio")
+    _add_base_dtype_flag(p)
     return parser
 
 

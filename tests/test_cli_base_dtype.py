@@ -31,7 +31,8 @@ def test_finetune_and_dpo_on_a_16_bit_base_save_float32_and_full_is_refused(tmp_
     out = tmp_path / "lora"
     assert main(["--threads", "1", "finetune", *common, "--data", str(tmp_path / "qa.jsonl"), "--method", "lora",
                  "--out", str(out), "--base-dtype", "bf16", "--save-merged"]) == 0
-    assert "frozen base: 28 Linear weights stored in bf16" in capsys.readouterr().out  # 4 blocks x 7
+    printed = capsys.readouterr().out
+    assert "frozen base: 29 weights (the Linear ones and the embedding) stored in bf16" in printed  # 4 x 7 + 1
     assert stored_dtypes(out / "adapter" / "adapter_model.safetensors") == {"F32"}
     assert stored_dtypes(out / "model.safetensors") == {"F32"}
     merged, _ = load_pretrained(str(out))

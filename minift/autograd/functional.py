@@ -21,6 +21,8 @@ from minift.backend import xp
 rope_tables = _nn.rope_tables
 IGNORE_INDEX = _nn.IGNORE_INDEX
 causal_mask = _attn.causal_mask
+segment_layout = _attn.segment_layout
+SegmentLayout = _attn.SegmentLayout
 
 
 def _raw(value):
@@ -179,6 +181,33 @@ def token_logprobs(logits, targets, ignore_index: int = _nn.IGNORE_INDEX):
     return reshape(picked, *targets.shape) if targets.ndim != 1 else picked
 
 
+def linear_token_logprobs(h, weight, targets, ignore_index: int = _nn.IGNORE_INDEX,
+                          chunk_elements: int = _nn.CHUNK_ELEMENTS):
+    """log softmax(h W^T)[target] at every (...) position of (..., C) features ``h``, for a
+    (V, C) head ``weight``; 0 where the target is ``ignore_index``. Equal to
+    ``token_logprobs(linear(h, weight), targets)``, but the (..., V) logits are never whole: the
+    head is applied over the vocabulary in chunks of about ``chunk_elements`` logits
+    (``LinearTokenLogProbs``)."""
+    targets = xp.asarray(_raw(targets))
+    if h.shape[:-1] != targets.shape:
+        raise _ew.ShapeError(f"linear_token_logprobs: features {h.shape} need targets of shape "
+                             f"{h.shape[:-1]}, got {targets.shape}")
+    flat = reshape(h, -1, h.shape[-1]) if h.ndim != 2 else h
+    picked = _nn.LinearTokenLogProbs.apply(flat, weight, targets=targets.reshape(-1), ignore_index=ignore_index,
+                                           chunk_elements=chunk_elements)
+    return reshape(picked, *targets.shape) if targets.ndim != 1 else picked
+
+
+def linear_cross_entropy(h, weight, targets, ignore_index: int = _nn.IGNORE_INDEX,
+                         chunk_elements: int = _nn.CHUNK_ELEMENTS):
+    """Mean next-token loss of the head ``weight`` over features ``h``: equal to
+    ``cross_entropy(linear(h, weight), targets)`` without the N x V logits (see
+    ``linear_token_logprobs``); the mean is over the counted (non-ignored) positions."""
+    n_counted = int((xp.asarray(_raw(targets)) != ignore_index).sum())
+    logprobs = linear_token_logprobs(h, weight, targets, ignore_index, chunk_elements)
+    return sum(logprobs) * (-1.0 / (n_counted or 1))
+
+
 def rms_norm(x, weight, eps: float = 1e-6):
     return _nn.RMSNorm.apply(x, weight, eps=eps)
 
@@ -241,3 +270,10 @@ def scaled_dot_product_attention(q, k, v, causal: bool = True, mask=None):
             mask = mask[:, None, :]
         mask = mask[:, None, None]  # (B, 1, 1, Tq or 1, Tk)
     return _attn.ScaledDotProductAttention.apply(q, k, v, causal=causal, mask=mask)
+
+
+def segment_attention(q, k, v, layout):
+    """Causal attention of packed rows, each segment over its own tokens only: equal to
+    ``scaled_dot_product_attention`` under the block-diagonal ``segment_mask``, computed over the
+    diagonal blocks alone (``layout`` from ``segment_layout``, once per batch)."""
+    return _attn.SegmentAttention.apply(q, k, v, layout=layout)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import math
 
-from minift.autograd.elementwise import ShapeError
-from minift.autograd.function import Function
+from minift.autograd.elementwise import ShapeError, counted_matmul
+from minift.autograd.function import Function, is_grad_enabled
 from minift.backend import xp
 
 #: The target that cross-entropy leaves out of the loss (prompt tokens, padding): PyTorch's value.
@@ -171,6 +171,111 @@ class TokenLogProbs(Function):
         return (dz,)
 
 
+#: Logits alive at once in the fused head + loss: 2^21 floats, 8 MiB in float32.
+CHUNK_ELEMENTS = 2**21
+
+
+class LinearTokenLogProbs(Function):
+    """The output head and its log-softmax in one op, over the vocabulary in column chunks:
+    y_n = log softmax(h_n W^T)[t_n], 0 on ignored rows, without ever holding the N x V logits.
+
+    The head's logits are the largest activation of a small model's step (SmolLM2: 512 tokens x
+    49,152 words = 96 MiB, and as much again for the probabilities the backward needs). Here W
+    (V, C) is read in chunks of columns; each chunk's logits z_c = h W_c^T live only while it is
+    processed. Two running sums, rescaled whenever a row's maximum grows (the online softmax of
+    Milakov & Gimelshein 2018, which FlashAttention applies to keys), give everything:
+
+        m_n = max over chunks so far,  s_n = sum_v exp(z_nv - m_n)      -> logsumexp = m_n + log s_n
+        a_n = sum_v exp(z_nv - m_n) W_v                                  -> E_p[W] = a_n / s_n
+
+    Since dy_n/dh_n = W[t_n] - E_p[W] does not depend on the incoming gradient, it is finished in
+    the forward (for a frozen head that is the whole backward: the same products as logits then
+    dz W, and no recompute). A trainable head (full fine-tuning, a tied embedding being trained)
+    needs dW = sum_n g_n (onehot(t_n) - p_n)^T h_n, so the backward recomputes each chunk's
+    probabilities from h and the saved logsumexp: one extra N x V x C product instead of
+    keeping N x V numbers.
+
+    A 16-bit head (a frozen tied embedding stored in bf16/f16) is widened one chunk at a time.
+    Saves: dy/dh (N x C) if h needs a gradient; h, W and the logsumexp if W does; the targets.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, *, targets, ignore_index=IGNORE_INDEX, chunk_elements=CHUNK_ELEMENTS):
+        if h.ndim != 2 or weight.ndim != 2 or h.shape[1] != weight.shape[1] or targets.shape != h.shape[:1]:
+            raise ShapeError(f"linear_token_logprobs: need h (N, C), weight (V, C) and targets (N,); got "
+                             f"h {h.shape}, weight {weight.shape}, targets {targets.shape}")
+        counted = targets != ignore_index
+        safe_targets = xp.where(counted, targets, 0)
+        vocab = weight.shape[0]
+        if int(xp.min(safe_targets, initial=0)) < 0 or int(xp.max(safe_targets, initial=0)) >= vocab:
+            raise ValueError(f"linear_token_logprobs: a target is outside the vocabulary [0, {vocab})")
+        want_dh = ctx.needs_input_grad[0] and is_grad_enabled()
+        width = vocab_chunk(h.shape[0], vocab, chunk_elements)
+        lse, picked, expected = _online_logsumexp(h, weight, safe_targets, width, want_dh)
+        dy_dh = None
+        if want_dh:
+            dy_dh = xp.asarray(weight[safe_targets], dtype=h.dtype) - expected
+            dy_dh *= counted[:, None]
+        need_w = ctx.needs_input_grad[1]
+        ctx.save_for_backward(dy_dh, h if need_w else None, weight if need_w else None,
+                              lse if need_w else None, safe_targets, counted)
+        ctx.width = width
+        return ((picked - lse) * counted).astype(h.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        dy_dh, h, weight, lse, targets, counted = ctx.saved
+        dh = dy_dh * g[:, None].astype(dy_dh.dtype) if ctx.needs_input_grad[0] else None
+        dw = None
+        if ctx.needs_input_grad[1]:
+            row_weight = (g * counted).astype(h.dtype)  # g_n on counted rows, 0 elsewhere
+            dw = xp.zeros(weight.shape, dtype=weight.dtype)
+            for start in range(0, weight.shape[0], ctx.width):
+                w = xp.asarray(weight[start:start + ctx.width], dtype=h.dtype)
+                p = counted_matmul(h, w.T)
+                p -= lse[:, None]
+                xp.exp(p, out=p)
+                p *= -row_weight[:, None]
+                dw[start:start + w.shape[0]] = counted_matmul(p.T, h)
+                del p  # as in the forward: one chunk of probabilities at a time
+            xp.add.at(dw, targets, row_weight[:, None] * h)  # + g_n h_n at each target word
+        return dh, dw
+
+
+def vocab_chunk(rows: int, vocab: int, chunk_elements: int) -> int:
+    """Columns per chunk: about ``chunk_elements`` logits at a time (the default 2^21 floats is
+    8 MiB in float32: 4096 columns for a 4 x 128 batch, wide enough for a good BLAS shape)."""
+    return max(1, min(vocab, chunk_elements // max(rows, 1)))
+
+
+def _online_logsumexp(h, weight, targets, width: int, want_expected: bool):
+    """One pass over the vocabulary in ``width``-column chunks -> (logsumexp, z[t], E_p[W]).
+
+    ``E_p[W]`` (N, C), the probability-weighted mean of W's rows, is computed only when wanted."""
+    n = h.shape[0]
+    running_max = xp.full(n, -xp.inf, dtype=h.dtype)
+    total = xp.zeros(n, dtype=h.dtype)
+    picked = xp.zeros(n, dtype=h.dtype)
+    weighted = xp.zeros(h.shape, dtype=h.dtype) if want_expected else None
+    for start in range(0, weight.shape[0], width):
+        w = xp.asarray(weight[start:start + width], dtype=h.dtype)
+        z = counted_matmul(h, w.T)  # (N, chunk): this chunk's logits, the only ones alive
+        here = (targets >= start) & (targets < start + w.shape[0])
+        picked[here] = z[here, targets[here] - start]
+        new_max = xp.maximum(running_max, z.max(axis=1))
+        rescale = xp.exp(running_max - new_max)  # 0 on the first chunk (exp(-inf))
+        z -= new_max[:, None]
+        e = xp.exp(z, out=z)
+        total = total * rescale + e.sum(axis=1)
+        if want_expected:
+            weighted *= rescale[:, None]
+            weighted += counted_matmul(e, w)
+        running_max = new_max
+        del z, e  # free this chunk's logits before the next product allocates its own
+    lse = running_max + xp.log(total)
+    return lse, picked, (weighted / total[:, None] if want_expected else None)
+
+
 class RMSNorm(Function):
     """y = x / rms(x) * w, with rms(x) = sqrt(mean(x^2) + eps) over the last axis (Llama's norm).
 
@@ -278,13 +383,26 @@ class SwiGLU(Function):
     @staticmethod
     def backward(ctx, g):
         gate, up = ctx.saved
-        s = 1 / (1 + xp.exp(-gate))
+        # In place wherever the formula allows: at most three (B, T, ffn) arrays exist at once
+        # (s, silu, d_gate; d_up is silu scaled in place), the step's largest scratch when a
+        # checkpointed block is recomputed.
+        s = xp.negative(gate)
+        xp.exp(s, out=s)
+        s += 1
+        xp.reciprocal(s, out=s)  # sigmoid(gate)
         silu = gate * s
-        d_up = g * silu if ctx.needs_input_grad[1] else None
         d_gate = None
         if ctx.needs_input_grad[0]:
-            silu += s * (1 - gate * s)  # -> d silu / d gate = s (1 + gate (1 - s))
-            d_gate = g * up * silu
+            d_gate = xp.subtract(1, silu, dtype=silu.dtype)  # d silu / d gate = s (1 + gate (1 - s))
+            d_gate *= s                                      #                 = s (1 - silu) + silu
+            d_gate += silu
+            d_gate *= up
+            d_gate *= g
+        del s
+        d_up = None
+        if ctx.needs_input_grad[1]:
+            silu *= g
+            d_up = silu
         return d_gate, d_up
 
 

@@ -17,7 +17,6 @@ import numpy
 
 import minift.autograd.functional as F
 from minift.autograd import Tensor, checkpoint, is_grad_enabled
-from minift.autograd.attention import segment_mask
 from minift.backend import xp
 from minift.nn import Embedding, Linear, Module, ModuleList, RMSNorm
 
@@ -155,6 +154,8 @@ class LlamaAttention(Module):
         return x.reshape(b, t, n_heads, self.head_dim).permute(0, 2, 1, 3)
 
     def forward(self, x, cos, sin, layer: int, cache: KVCache | None = None, mask=None):
+        """``mask``: None, a (B, Tk) key mask, or the ``SegmentLayout`` of packed rows, which
+        attends within each segment only (``F.segment_attention``)."""
         b, t, _ = x.shape
         q = F.rope(self.heads(self.q_proj(x), self.n_heads), cos, sin)  # (B, H, T, hd)
         k = F.rope(self.heads(self.k_proj(x), self.n_kv_heads), cos, sin)  # (B, Hkv, T, hd)
@@ -164,7 +165,10 @@ class LlamaAttention(Module):
         if self.prefix is not None:
             k, v = self.prefix.prepend(k, v)  # (B, Hkv, P + Tk, hd)
             mask = None if mask is None else self.prefix.extend_mask(mask)
-        o = F.scaled_dot_product_attention(q, k, v, causal=True, mask=mask)  # (B, H, T, hd)
+        if isinstance(mask, F.SegmentLayout):
+            o = F.segment_attention(q, k, v, layout=mask)  # (B, H, T, hd)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, causal=True, mask=mask)  # (B, H, T, hd)
         return self.o_proj(o.permute(0, 2, 1, 3).reshape(b, t, self.n_heads * self.head_dim))
 
 
@@ -237,8 +241,9 @@ class LlamaForCausalLM(Module):
 
     @property
     def dtype(self):
-        """The float type of the weights (float32 by default, float64 for gradient checks)."""
-        return self.model.embed_tokens.weight.dtype
+        """The float type the model computes in (float32 by default, float64 for gradient checks):
+        the embedding's rows, float32 also when the frozen table is stored in 16 bits."""
+        return self.model.embed_tokens.compute_dtype
 
     def rope_for(self, start: int, length: int, dtype):
         return F.rope_tables(numpy.arange(start, start + length), self.config.head_dim,
@@ -251,7 +256,8 @@ class LlamaForCausalLM(Module):
         ``positions`` (B, T) gives each row its own token positions — a left-padded row starts
         counting at its first real token; by default positions continue from the cache.
         ``segment_ids`` (B, T) marks packed rows (``minift/data/packing.py``): a token attends
-        only to its own segment (``segment_mask``), and ``positions`` must restart per segment.
+        only to its own segment, and ``positions`` must restart per segment. Their layout is
+        worked out once here and read by every layer (``F.segment_attention``).
         """
         ids = xp.asarray(input_ids.data if isinstance(input_ids, Tensor) else input_ids)
         if ids.ndim != 2:
@@ -268,15 +274,17 @@ class LlamaForCausalLM(Module):
                 raise ValueError(f"positions {positions.shape} must have the shape of input_ids {ids.shape}")
             cos, sin = (t[:, None] for t in F.rope_tables(positions, self.config.head_dim, self.config.rope_theta,
                                                            dtype=self.dtype))  # (B, 1, T, hd)
+        mask = attention_mask
         if segment_ids is not None:
-            attention_mask = self._packed_mask(segment_ids, ids.shape, cache, attention_mask, positions)
-        h = self.model(ids, cos, sin, cache, attention_mask)
+            mask = self._packed_layout(segment_ids, ids.shape, cache, attention_mask, positions)
+        h = self.model(ids, cos, sin, cache, mask)
         if cache is not None:
             cache.advance(ids.shape[1])
         return h
 
-    def _packed_mask(self, segment_ids, shape, cache, attention_mask, positions):
-        """The (B, T, T) block-diagonal mask of packed rows, refused where it cannot hold."""
+    def _packed_layout(self, segment_ids, shape, cache, attention_mask, positions):
+        """The ``SegmentLayout`` of packed rows (their block-diagonal mask), refused where it
+        cannot hold."""
         segment_ids = xp.asarray(segment_ids)
         if segment_ids.shape != shape:
             raise ValueError(f"segment_ids {segment_ids.shape} must have the shape of input_ids {shape}")
@@ -287,8 +295,11 @@ class LlamaForCausalLM(Module):
             raise ValueError("prefix tuning cannot train on packed rows: its prefix keys extend only a "
                              "(batch, keys) mask (minift/peft/prefix.py); drop --packing (minift finetune) "
                              "or use another method")
-        mask = segment_mask(segment_ids)
-        return mask if attention_mask is None else mask & xp.asarray(attention_mask, dtype=bool)[:, None, :]
+        real = segment_ids != 0
+        if attention_mask is not None and not bool((xp.asarray(attention_mask, dtype=bool) == real).all()):
+            raise ValueError("attention_mask must be True exactly where segment_ids is not 0 (padding is "
+                             "segment 0); pass the batch that collate_packed (minift/data/packing.py) made")
+        return F.segment_layout(segment_ids)
 
     def forward(self, input_ids, cache: KVCache | None = None, attention_mask=None,
                 last_only: bool = False, positions=None, segment_ids=None):
@@ -301,8 +312,27 @@ class LlamaForCausalLM(Module):
         h = self.hidden(input_ids, cache, attention_mask, positions, segment_ids)
         if last_only:
             h = h[:, -1:]
-        head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, head)
+        if self.lm_head is None:
+            return self.model.embed_tokens.attend(h)  # the tied head, widened if stored in 16 bits
+        return F.linear(h, self.lm_head.weight)
+
+    @property
+    def head_weight(self):
+        """The (V, C) matrix the output head multiplies by: the embedding when tied."""
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def label_logprobs(self, input_ids, labels, positions=None, segment_ids=None):
+        """log p(label) at every position (B, T), 0 where the label is ignored — what ``forward``
+        then a log-softmax would give, without the (B, T, V) logits: the head runs in vocabulary
+        chunks fused with the log-softmax (``F.linear_token_logprobs``). Training's choice."""
+        h = self.hidden(input_ids, positions=positions, segment_ids=segment_ids)
+        return F.linear_token_logprobs(h, self.head_weight, labels)
+
+    def loss(self, input_ids, labels, positions=None, segment_ids=None):
+        """Mean next-token cross-entropy over the counted labels (``F.linear_cross_entropy``):
+        equal to ``F.cross_entropy(self(input_ids), labels)``, at a fraction of its memory."""
+        h = self.hidden(input_ids, positions=positions, segment_ids=segment_ids)
+        return F.linear_cross_entropy(h, self.head_weight, labels)
 
     def gradient_checkpointing_enable(self) -> None:
         """Keep only each block's input during a training forward and recompute the block in

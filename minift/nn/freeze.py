@@ -16,7 +16,7 @@ import re
 
 import numpy
 
-from minift.nn.layers import Linear, base_dtype
+from minift.nn.layers import Embedding, Linear, base_dtype
 from minift.nn.module import Module, matching
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -84,34 +84,36 @@ def train_only_last_layers(model: Module, last_n: int = 1) -> list[str]:
 
 
 def cast_frozen(model: Module, dtype: str, skip: tuple[str, ...] = ("lm_head",)) -> list[str]:
-    """Store every frozen ``Linear`` weight in ``dtype`` ("bf16", "f16", or "float32" to widen them
-    back), except those whose dotted name contains one of ``skip``; returns the names of the
-    weights cast. Call it after freezing (or ``get_peft_model``).
+    """Store every frozen ``Linear`` weight, and a frozen embedding table, in ``dtype`` ("bf16",
+    "f16", or "float32" to widen them back), except those whose dotted name contains one of
+    ``skip``; returns the names of the weights cast. Call it after freezing (or ``get_peft_model``).
 
-    A frozen weight is only ever read, and ``Linear`` widens a 16-bit one for each product
-    (``WidenedLinear``), so 16 bits halve its memory at the price of one rounding of W; the
-    trainable weights, their gradients and AdamW's moments stay float32 (lecture 003's mixed
-    precision keeps fp32 master weights for the same reason: a step of lr x update is mostly
-    below a 16-bit weight's last digit). What is left in float32, and why:
+    A frozen weight is only ever read. ``Linear`` widens a 16-bit one for each product
+    (``WidenedLinear``) and ``Embedding`` widens the rows it looks up, so 16 bits halve their
+    memory at the price of one rounding of W; the trainable weights, their gradients and AdamW's
+    moments stay float32 (lecture 003's mixed precision keeps fp32 master weights for the same
+    reason: a step of lr x update is mostly below a 16-bit weight's last digit). A tied head is
+    the embedding table itself, so it is stored with it and widened per product by
+    ``Embedding.attend``. What is left in float32, and why:
       - norms and biases: a few thousand numbers, not worth a second code path;
-      - the embedding (and SmolLM2's head, which is the same matrix): ``LlamaForCausalLM.dtype``
-        reads the model's float type off it, and the RoPE tables and the KV cache follow that;
-      - an untied head (``skip``), as in QLoRA (``quantize_model``): the model multiplies by its
-        weight directly, not through ``Linear.forward``, so it would never be widened by
-        ``WidenedLinear``.
-    Widening back to float32 before a save is exact, so a saved model holds the rounded base.
+      - an untied head (``skip``), as in QLoRA (``quantize_model``).
+    The embedding is cast only along with frozen ``Linear`` weights: with none of those (method
+    full; or qlora, whose frozen projections are 4-bit already) the call is refused, as the flag
+    most likely names the wrong method. Widening back to float32 before a save is exact, so a
+    saved model holds the rounded base.
     """
     target = base_dtype(dtype)
-    frozen = [(f"{name}.weight".lstrip("."), layer.weight) for name, layer in model.named_modules()
-              if isinstance(layer, Linear) and not layer.weight.requires_grad and not any(s in name for s in skip)]
-    if target != numpy.float32 and not frozen:
+    frozen = [(f"{name}.weight".lstrip("."), layer) for name, layer in model.named_modules()
+              if isinstance(layer, (Linear, Embedding)) and not layer.weight.requires_grad
+              and not any(s in name for s in skip)]
+    if target != numpy.float32 and not any(isinstance(layer, Linear) for _, layer in frozen):
         raise ValueError(f"cast_frozen: no frozen Linear weight to store in {dtype}: every Linear trains "
                          f"(method full), or the frozen ones are 4-bit already (qlora). Freeze the base first "
                          f"(method lora, freeze or last), or keep it in float32 (--base-dtype float32)")
-    if dtype == "bf16" and not all(isinstance(w.data, numpy.ndarray) for _, w in frozen):
+    if dtype == "bf16" and not all(isinstance(layer.weight.data, numpy.ndarray) for _, layer in frozen):
         raise ValueError("cast_frozen: bf16 needs the NumPy backend (CuPy has no bfloat16); use f16 on a GPU")
-    for _, weight in frozen:
-        weight.data = weight.data.astype(target)
+    for _, layer in frozen:
+        layer.weight.data = layer.weight.data.astype(target)
     return [name for name, _ in frozen]
 
 

@@ -1,8 +1,10 @@
 """The layers of a Llama-style transformer: Linear, Embedding, RMSNorm, LayerNorm.
 
 Each layer owns its Parameters and calls one fused op from ``minift.autograd.functional``; the math and
-the backward formula live there. The exception is a ``Linear`` whose frozen weight is stored in 16
-bits (``BASE_DTYPES``): it runs ``WidenedLinear``, below, which widens W for each product.
+the backward formula live there. The exception is a frozen weight stored in 16 bits
+(``BASE_DTYPES``): a ``Linear`` (or the tied head, ``Embedding.attend``) then runs ``WidenedLinear``,
+below, which widens W for each product (``DecodedLinear``, minift/nn/decoded.py), and an
+``Embedding`` widens only the rows it looks up.
 """
 
 from __future__ import annotations
@@ -10,14 +12,15 @@ from __future__ import annotations
 import numpy
 
 import minift.autograd.functional as F
-from minift.autograd.elementwise import ShapeError, counted_matmul
-from minift.autograd.function import Function
+from minift.autograd.tensor import Tensor
 from minift.backend import xp
+from minift.nn.decoded import DecodedLinear
 from minift.nn.module import Module, Parameter, normal_init
 
 #: The storage types of a frozen base (``minift finetune --base-dtype``), by name.
 BASE_DTYPES = ("float32", "bf16", "f16")
-#: The NumPy names of the two 16-bit ones: a ``Linear`` whose weight has one runs ``WidenedLinear``.
+#: The NumPy names of the two 16-bit ones: a ``Linear`` whose weight has one runs ``WidenedLinear``,
+#: an ``Embedding`` widens the rows it gathers.
 NARROW_DTYPES = ("bfloat16", "float16")
 
 
@@ -39,41 +42,41 @@ def base_dtype(name: str) -> numpy.dtype:
     return numpy.dtype(numpy.float16 if name == "f16" else numpy.float32)
 
 
-class WidenedLinear(Function):
-    """y = x W^T + b with W stored in 16 bits and widened to the input's float type per product.
+class WidenedLinear(DecodedLinear):
+    """y = x W^T + b with W stored in 16 bits and widened to the input's float type per product
+    (forward and backward: ``DecodedLinear``). Widening is exact (every bfloat16 and float16 number
+    is a float32 number), so this is the float32 product with W rounded once, when it was stored —
+    QLoRA's ``NF4Linear`` (minift/nn/linear4bit.py) with a rounding in place of a 4-bit code."""
 
-        dx = g W        (W widened again into a temporary)
-        db = sum of g over rows
-        dW: none — a 16-bit W is frozen, so it is not an input of this op, only a setting.
-    Saves: nothing; the 16-bit W is referenced, so the graph never keeps a float32 copy of it.
-    Widening is exact (every bfloat16 and float16 number is a float32 number), so this is the
-    float32 product with W rounded once, when it was stored — the same pattern as QLoRA's
-    ``NF4Linear`` (minift/nn/linear4bit.py), with a rounding in place of a 4-bit code.
+    op = "linear"
+
+    @staticmethod
+    def decode(dtype, *, weight):
+        return weight.astype(dtype)
+
+
+def refuse_trainable_narrow(weight, owner) -> None:
+    """A 16-bit weight must be frozen: raise, saying why, if ``weight`` (of the layer ``owner``) would train."""
+    if weight.requires_grad:
+        raise TypeError(
+            f"{owner!r}: the weight is trainable but stored in {weight.dtype}; only a frozen weight may be 16-bit. "
+            f"AdamW's updates are ~lr times smaller than the weight and 16 bits round most of them away "
+            f"(bfloat16 keeps 8 significant bits), so keep trainable weights in float32: freeze it first, or "
+            f"cast it back (weight.data.astype(float32))")
+
+
+def linear(x, weight, bias=None, *, owner=None):
+    """y = x W^T + b for a float ``weight`` (``F.linear``) or a frozen 16-bit one (``WidenedLinear``).
+
+    ``owner``, the layer, is named in the error for a trainable 16-bit weight. ``Linear`` runs its
+    product here, and so does the tied output head (``Embedding.attend``), whose weight is the
+    embedding table and may be stored in 16 bits as well.
     """
-
-    @staticmethod
-    def forward(ctx, x, bias=None, *, weight):
-        if x.shape[-1] != weight.shape[1]:
-            raise ShapeError(f"linear: input of shape {x.shape} does not fit a {weight.dtype} weight of shape "
-                             f"{weight.shape} (expected last input axis = {weight.shape[1]})")
-        ctx.weight = weight
-        w = weight.astype(x.dtype)  # exact: a float32 temporary, dropped after the product
-        y = counted_matmul(x.reshape(-1, x.shape[-1]), w.T).reshape(*x.shape[:-1], w.shape[0])
-        if bias is not None:
-            y += bias
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        needs = ctx.needs_input_grad
-        dx = None
-        if needs[0]:
-            w = ctx.weight.astype(g.dtype)
-            dx = counted_matmul(g.reshape(-1, g.shape[-1]), w).reshape(*g.shape[:-1], w.shape[1])
-        grads = (dx,)
-        if len(needs) == 2:
-            grads += (g.reshape(-1, g.shape[-1]).sum(axis=0) if needs[1] else None,)
-        return grads
+    if weight.dtype.name not in NARROW_DTYPES:
+        return F.linear(x, weight, bias)
+    refuse_trainable_narrow(weight, owner)
+    inputs = (x,) if bias is None else (x, bias)
+    return WidenedLinear.apply(*inputs, weight=weight.data)
 
 
 class Linear(Module):
@@ -88,23 +91,20 @@ class Linear(Module):
         self.bias = Parameter(xp.zeros(out_features, dtype=dtype)) if bias else None
 
     def forward(self, x):
-        if self.weight.dtype.name not in NARROW_DTYPES:
-            return F.linear(x, self.weight, self.bias)
-        if self.weight.requires_grad:
-            raise TypeError(
-                f"Linear(in={self.in_features}, out={self.out_features}): the weight is trainable but stored in "
-                f"{self.weight.dtype}; only a frozen weight may be 16-bit. AdamW's updates are ~lr times smaller "
-                f"than the weight and 16 bits round most of them away (bfloat16 keeps 8 significant bits), so "
-                f"keep trainable weights in float32: freeze it first, or cast it back (weight.data.astype(float32))")
-        inputs = (x,) if self.bias is None else (x, self.bias)
-        return WidenedLinear.apply(*inputs, weight=self.weight.data)
+        return linear(x, self.weight, self.bias, owner=self)
 
     def __repr__(self) -> str:
         return f"Linear(in={self.in_features}, out={self.out_features}, bias={self.bias is not None})"
 
 
 class Embedding(Module):
-    """A (num_embeddings, dim) table; ``forward(ids)`` picks one row per token id."""
+    """A (num_embeddings, dim) table; ``forward(ids)`` picks one row per token id.
+
+    A frozen table may be stored in 16 bits (``cast_frozen``): the lookup then gathers the 16-bit
+    rows and widens only those, so a batch costs (tokens, dim) float32 numbers, never a float32
+    copy of the table. Widening is exact, so the rows equal those of the float32 table rounded
+    once. ``attend`` reuses the table as a tied output head.
+    """
 
     def __init__(self, num_embeddings: int, dim: int, *, std: float = 0.02,
                  rng: numpy.random.Generator | None = None, dtype=numpy.float32):
@@ -112,8 +112,23 @@ class Embedding(Module):
         rng = rng if rng is not None else numpy.random.default_rng(0)
         self.weight = Parameter(normal_init((num_embeddings, dim), std, rng, dtype))
 
+    @property
+    def compute_dtype(self) -> numpy.dtype:
+        """The float type the rows come out in: the table's own, or float32 for a 16-bit table."""
+        dtype = self.weight.dtype
+        return numpy.dtype(numpy.float32) if dtype.name in NARROW_DTYPES else dtype
+
     def forward(self, ids):
-        return F.embedding(ids, self.weight)
+        if self.weight.dtype.name not in NARROW_DTYPES:
+            return F.embedding(ids, self.weight)
+        refuse_trainable_narrow(self.weight, self)
+        rows = F.embedding(ids, self.weight)  # the 16-bit rows, and no graph: the table is frozen
+        return Tensor(rows.data.astype(self.compute_dtype))
+
+    def attend(self, h):
+        """Logits h E^T: the table as the tied output head (Press & Wolf 2017), widened per
+        product like a frozen 16-bit ``Linear`` weight when it is stored in 16 bits."""
+        return linear(h, self.weight, owner=self)
 
     def __repr__(self) -> str:
         return f"Embedding{tuple(self.weight.shape)}"

@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import numpy
 
-from minift.autograd.elementwise import ShapeError, counted_matmul
-from minift.autograd.function import Function
 from minift.cuda import kernels
+from minift.nn.decoded import DecodedLinear
 from minift.nn.layers import Linear
 from minift.nn.module import Module, Parameter
 from minift.quant.nf4 import DEFAULT_BLOCKSIZE, dequantize_nf4, dequantize_nf4_by_byte, quantize_nf4
@@ -44,41 +43,16 @@ def dequantize(packed, state, dtype):
         return kernels.dequantize_nf4(packed, state, dtype=dtype)
     return dequantize_nf4(packed, state, dtype=dtype)
 
-class NF4Linear(Function):
-    """y = x W^T + b with W held as NF4 codes (``packed``, ``state``) and dequantized on the fly.
 
-        dx = g W        (W dequantized again into a temporary)
-        db = sum of g over rows
-        dW: none — W is not an input of this op, only a setting.
-    Saves: nothing; the packed codes are referenced, and no float W outlives either pass.
-    """
+class NF4Linear(DecodedLinear):
+    """y = x W^T + b with W held as NF4 codes (``packed``, ``state``) and dequantized for each
+    product, forward and backward (``DecodedLinear``, minift/nn/decoded.py: no dW, no float W kept)."""
+
+    op = "linear4bit"
 
     @staticmethod
-    def forward(ctx, x, bias=None, *, packed, state):
-        out_features, in_features = state.shape
-        if x.shape[-1] != in_features:
-            raise ShapeError(f"linear4bit: input of shape {x.shape} does not fit a weight of shape "
-                             f"{state.shape} (expected last input axis = {in_features})")
-        ctx.packed, ctx.state = packed, state
-        w = dequantize(packed, state, dtype=x.dtype)  # temporary float W (out, in)
-        y = counted_matmul(x.reshape(-1, in_features), w.T).reshape(*x.shape[:-1], out_features)
-        del w
-        if bias is not None:
-            y += bias
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        needs = ctx.needs_input_grad
-        dx = None
-        if needs[0]:
-            w = dequantize(ctx.packed, ctx.state, dtype=g.dtype)  # the same W, decoded again
-            dx = counted_matmul(g.reshape(-1, g.shape[-1]), w).reshape(*g.shape[:-1], w.shape[1])
-            del w
-        grads = (dx,)
-        if len(needs) == 2:
-            grads += (g.reshape(-1, g.shape[-1]).sum(axis=0) if needs[1] else None,)
-        return grads
+    def decode(dtype, *, packed, state):
+        return dequantize(packed, state, dtype=dtype)
 
 
 class Linear4bit(Module):

@@ -80,6 +80,12 @@ class PeftModel(Module):
     def hidden(self, *args, **kwargs):
         return self.model.hidden(*args, **kwargs)
 
+    def loss(self, *args, **kwargs):
+        return self.model.loss(*args, **kwargs)
+
+    def label_logprobs(self, *args, **kwargs):
+        return self.model.label_logprobs(*args, **kwargs)
+
     def generate(self, input_ids, max_new_tokens: int, **sampling):
         from minift.models.generate import generate  # noqa: PLC0415
 

@@ -11,7 +11,8 @@ what checkpointing saves is measured, not only projected.
 The rows (bytes):
 
     weights       fp32 parameters; for QLoRA also NF4 codes (1/2 byte per weight) and their
-                  quantization state (absmax codes, absmax2, offset: 0.127 bit per weight)
+                  quantization state (absmax codes, absmax2, offset: 0.127 bit per weight);
+                  with a 16-bit base (``BASE_16BIT``) the frozen Linear weights and embedding at 2 B
     gradients     4 B per *trainable* parameter — frozen ones get none (docs/design.md, principle 2)
     optimizer     AdamW's m and v: 8 B per trainable parameter
     activations   what the autograd graph keeps from the forward pass for the backward pass:
@@ -38,13 +39,15 @@ from __future__ import annotations
 import copy
 import math
 import tracemalloc
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy
 
+from minift.autograd.nn_ops import CHUNK_ELEMENTS, vocab_chunk
 from minift.data import DataLoader
 from minift.models import ATTENTION_PROJECTIONS, BLOCK_PROJECTIONS, LlamaConfig
-from minift.nn import Linear4bit, Module
+from minift.nn import Linear4bit, Module, cast_frozen
+from minift.nn import base_dtype as storage_type
 from minift.quant.nf4 import DOUBLE_QUANT_BLOCKSIZE, dynamic_lut
 from minift.training import TrainConfig, Trainer, causal_lm_loss
 from minift.training.methods import MethodOptions, prepare_model
@@ -62,6 +65,7 @@ class Precision:
 
     weight: int = 4  # a stored (frozen or trainable) parameter
     frozen_linear: int = 4  # a frozen Linear weight: 2 with a 16-bit base (minift finetune --base-dtype bf16)
+    frozen_embedding: int = 4  # the frozen embedding (and the tied head, the same matrix): 2 with a 16-bit base
     grad: int = 4
     master: int = 0  # an fp32 copy of each trainable parameter, kept by the optimizer
     moments: int = 8  # AdamW's m and v
@@ -70,7 +74,18 @@ class Precision:
 
 
 MINIFT = Precision()
-MIXED = Precision(weight=2, frozen_linear=2, grad=2, master=4, moments=8, activation=2, checkpointing=True)
+MIXED = Precision(weight=2, frozen_linear=2, frozen_embedding=2, grad=2, master=4, moments=8, activation=2,
+                  checkpointing=True)
+#: minift with ``--base-dtype bf16|f16``: what ``cast_frozen`` (minift/nn/freeze.py) stores in 16
+#: bits, the frozen block Linear weights and the frozen embedding (with SmolLM2's tied head; the
+#: lookup widens only the gathered rows), at 2 bytes; everything that trains stays float32.
+BASE_16BIT = Precision(frozen_linear=2, frozen_embedding=2)
+
+
+def minift_precision(base_dtype: str = "float32", checkpointing: bool = False) -> Precision:
+    """minift's precision for one measured step: float32 throughout (``MINIFT``), or with the
+    frozen base in 16 bits (``BASE_16BIT``) for ``base_dtype`` "bf16" or "f16" (both 2 bytes)."""
+    return replace(MINIFT if base_dtype == "float32" else BASE_16BIT, checkpointing=checkpointing)
 
 
 # ---- counting parameters -------------------------------------------------------------------
@@ -132,20 +147,28 @@ def nf4_state_bytes(n: int, blocksize: int) -> int:
 def frozen_linear_count(c: LlamaConfig, method: str, o: MethodOptions) -> int:
     """Weights of the frozen float ``Linear`` layers of the blocks: what ``cast_frozen``
     (minift/nn/freeze.py) stores in 16 bits. All blocks under LoRA, none under QLoRA (they are
-    NF4), the frozen ones otherwise; the embedding and the head stay float32."""
+    NF4), the frozen ones otherwise. The embedding is ``frozen_embedding_count``; an untied head
+    stays float32 (``cast_frozen`` skips it: the model multiplies by it outside ``Linear``)."""
     blocks = c.n_layers if method == "lora" else 0 if method == "qlora" else _frozen_blocks(c, method, o)
     return blocks * (parameter_counts(c)["linear"] // c.n_layers)
+
+
+def frozen_embedding_count(c: LlamaConfig, method: str) -> int:
+    """Numbers of the token embedding when it is frozen (every method but full; a tied head is
+    the same matrix, counted once): stored at ``Precision.frozen_embedding`` bytes each."""
+    return 0 if method == "full" else c.vocab_size * c.dim
 
 
 def weight_bytes(c: LlamaConfig, method: str, o: MethodOptions, p: Precision = MINIFT) -> dict[str, int]:
     """Weights by storage type. QLoRA stores the block Linear weights in NF4 (embedding, norms,
     biases and the adapters stay in float); every other method stores all of them in float.
     The "weights fp32" row holds every float weight: the frozen Linear ones at ``p.frozen_linear``
-    bytes each (2 with a 16-bit base), the rest at ``p.weight``."""
+    bytes each and the frozen embedding at ``p.frozen_embedding`` (2 each with a 16-bit base),
+    the rest at ``p.weight``."""
     counts = parameter_counts(c)
     adapters = lora_parameter_count(c, o) if method in ("lora", "qlora") else 0
-    narrow = frozen_linear_count(c, method, o)
-    narrowing = (p.weight - p.frozen_linear) * narrow  # bytes a 16-bit base saves
+    narrowing = ((p.weight - p.frozen_linear) * frozen_linear_count(c, method, o)
+                 + (p.weight - p.frozen_embedding) * frozen_embedding_count(c, method))  # what a 16-bit base saves
     if method != "qlora":
         return {"weights fp32": p.weight * (sum(counts.values()) + adapters) - narrowing, "weights nf4 codes": 0,
                 "weights nf4 state": 0}
@@ -192,8 +215,10 @@ def activation_bytes(c: LlamaConfig, method: str, o: MethodOptions, batch: int, 
     checkpointing, each recorded block keeps only its input (``recompute_bytes`` is the rest)."""
     recorded = c.n_layers - _frozen_blocks(c, method, o)
     blocks = recorded * (c.dim if p.checkpointing else _block_elements(c, method, o, seq))
-    head_input = c.dim if method == "full" else 0  # the tied head's dW needs the final norm output
-    head = c.dim + 1 + head_input + c.vocab_size  # final norm (input, 1/rms), softmax probabilities
+    # The head runs fused with the loss (F.linear_cross_entropy): no logits or probabilities are
+    # kept, only dloss/dh (C), plus h and the logsumexp (C + 1) when the head's weight trains.
+    head_trains = c.dim + 1 if method == "full" else 0
+    head = c.dim + 1 + c.dim + head_trains  # final norm (input, 1/rms), dloss/dh, (h, logsumexp)
     rope = 2 * seq * c.head_dim  # cos and sin tables, shared by the layers
     return p.activation * (batch * seq * (blocks + head) + rope)
 
@@ -214,11 +239,12 @@ def recompute_bytes(c: LlamaConfig, method: str, o: MethodOptions, batch: int, s
 
 def largest_temporary(c: LlamaConfig, method: str, batch: int, seq: int, p: Precision = MINIFT) -> int:
     """Bytes of the biggest scratch one op allocates on top of what the graph keeps: the SwiGLU
-    backward (5 N x F), attention scores (3 B x H x T^2), the logits beside the loss's
-    probabilities (N x V) or, for QLoRA, dequantizing the largest NF4 weight (W and the gathered
-    levels: 8 B per weight in fp32)."""
+    backward (3 N x F), attention scores (3 B x H x T^2), one vocabulary chunk of the fused head
+    and loss (about ``CHUNK_ELEMENTS`` logits) or, for QLoRA, dequantizing the largest NF4
+    weight (W and the gathered levels: 8 B per weight in fp32)."""
     n = batch * seq
-    candidates = [5 * n * c.ffn_dim, 3 * batch * c.n_heads * seq * seq, n * c.vocab_size]
+    head_chunk = n * vocab_chunk(n, c.vocab_size, CHUNK_ELEMENTS)
+    candidates = [3 * n * c.ffn_dim, 3 * batch * c.n_heads * seq * seq, head_chunk]
     scratch = max(candidates) * p.activation
     if method == "qlora":
         largest = max(o_ * i for o_, i in projection_shapes(c).values())
@@ -275,18 +301,21 @@ def _token_batches(c: LlamaConfig, batch: int, seq: int, seed: int) -> DataLoade
 
 
 def measure(model: Module, method: str, batch: int, seq: int, options: MethodOptions | None = None,
-            seed: int = 0, checkpointing: bool = False) -> dict[str, int]:
+            seed: int = 0, checkpointing: bool = False, base_dtype: str = "float32") -> dict[str, int]:
     """The ledger's rows read from ``tracemalloc`` during real ``Trainer`` steps on random tokens.
 
     A copy of ``model`` is prepared for ``method`` under tracing (weights = what that allocates),
     one step creates the optimizer state, and a second step is watched: activations when the
     loss is computed, gradients just before ``optimizer.step()``, and the peak of the step.
     The storage split of the weights is read from the arrays' ``nbytes``. ``checkpointing``
-    turns on the prepared model's gradient checkpointing.
+    turns on the prepared model's gradient checkpointing; ``base_dtype`` "bf16" or "f16" stores
+    its frozen base in 16 bits as ``minift finetune --base-dtype`` does (``cast_frozen``, which
+    refuses a method with no frozen float weight to cast: full, qlora).
     """
     c, o = model.config, options or MethodOptions()
     loader = _token_batches(c, batch, seq, seed)
     dynamic_lut()  # a shared table built once per process: not part of any model
+    storage_type(base_dtype)  # bf16's first use imports ml_dtypes, megabytes of modules: not part of a model
     seen: dict[str, int] = {}
 
     def current() -> int:
@@ -302,6 +331,7 @@ def measure(model: Module, method: str, batch: int, seq: int, options: MethodOpt
     try:
         start = current()
         prepared, _ = prepare_model(copy.deepcopy(model), method, o)
+        cast_frozen(prepared, base_dtype)
         weights = current() - start
         if checkpointing:
             prepared.gradient_checkpointing_enable()
@@ -356,6 +386,7 @@ class Ledger:
     predicted: dict[str, int]
     measured: dict[str, int]
     checkpointing: bool = False
+    base_dtype: str = "float32"
 
     def error(self, row: str) -> float:
         """(predicted - measured) / measured."""
@@ -363,7 +394,8 @@ class Ledger:
 
     def __str__(self) -> str:
         recompute = ", gradient checkpointing" if self.checkpointing else ""
-        lines = [f"memory ledger: method {self.method}{recompute}, batch {self.batch} x {self.seq} tokens (MiB)",
+        base = "" if self.base_dtype == "float32" else f", frozen base in {self.base_dtype}"
+        lines = [f"memory ledger: method {self.method}{recompute}{base}, batch {self.batch} x {self.seq} tokens (MiB)",
                  f"{'':<20}{'predicted':>10}{'measured':>10}{'diff':>8}"]
         for row in ROWS:
             p, m = self.predicted[row], self.measured[row]
@@ -373,11 +405,12 @@ class Ledger:
 
 
 def ledger(model: Module, method: str, batch: int, seq: int, options: MethodOptions | None = None,
-           checkpointing: bool = False) -> Ledger:
-    """Predict and measure the memory of one training step of ``model`` with ``method``."""
-    predicted = predict(model.config, method, batch, seq, options, Precision(checkpointing=checkpointing))
-    measured = measure(model, method, batch, seq, options, checkpointing=checkpointing)
-    return Ledger(method, batch, seq, predicted, measured, checkpointing)
+           checkpointing: bool = False, base_dtype: str = "float32") -> Ledger:
+    """Predict and measure the memory of one training step of ``model`` with ``method``
+    (``base_dtype``: the frozen base's storage, as ``minift finetune --base-dtype``)."""
+    predicted = predict(model.config, method, batch, seq, options, minift_precision(base_dtype, checkpointing))
+    measured = measure(model, method, batch, seq, options, checkpointing=checkpointing, base_dtype=base_dtype)
+    return Ledger(method, batch, seq, predicted, measured, checkpointing, base_dtype)
 
 
 @dataclass
@@ -394,7 +427,8 @@ class CheckpointingComparison:
 
     def __str__(self) -> str:
         p = self.plain
-        lines = [f"memory ledger: method {p.method}, batch {p.batch} x {p.seq} tokens, without and with "
+        base = "" if p.base_dtype == "float32" else f", frozen base in {p.base_dtype}"
+        lines = [f"memory ledger: method {p.method}{base}, batch {p.batch} x {p.seq} tokens, without and with "
                  "gradient checkpointing (MiB)",
                  f"{'':<20}{'plain':>20}{'checkpointed':>20}{'measured':>10}",
                  f"{'':<20}{'predicted':>10}{'measured':>10}{'predicted':>10}{'measured':>10}{'ratio':>10}"]
@@ -405,11 +439,11 @@ class CheckpointingComparison:
         return "\n".join(lines)
 
 
-def compare_checkpointing(model: Module, method: str, batch: int, seq: int,
-                          options: MethodOptions | None = None) -> CheckpointingComparison:
+def compare_checkpointing(model: Module, method: str, batch: int, seq: int, options: MethodOptions | None = None,
+                          base_dtype: str = "float32") -> CheckpointingComparison:
     """``ledger`` of one step of ``model`` with ``method``, without and then with checkpointing."""
-    return CheckpointingComparison(ledger(model, method, batch, seq, options, checkpointing=False),
-                                   ledger(model, method, batch, seq, options, checkpointing=True))
+    return CheckpointingComparison(ledger(model, method, batch, seq, options, False, base_dtype),
+                                   ledger(model, method, batch, seq, options, True, base_dtype))
 
 
 # ---- lecture 003's table at scale ----------------------------------------------------------------

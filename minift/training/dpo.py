@@ -56,7 +56,7 @@ REFERENCES = ("auto", "disabled_adapter", "precomputed")
 def sequence_logprobs(model, batch):
     """log pi(y|x) per row of ``batch``: the log-probabilities of the response tokens (the
     counted labels), summed. A Tensor of shape (rows,), differentiable in the model."""
-    return F.sum(F.token_logprobs(model(batch["input_ids"]), xp.asarray(batch["labels"])), axis=-1)
+    return F.sum(model.label_logprobs(batch["input_ids"], xp.asarray(batch["labels"])), axis=-1)
 
 
 def response_lengths(batch) -> numpy.ndarray:

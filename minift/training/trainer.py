@@ -5,6 +5,9 @@ One optimizer *step* (lecture 002's loop) is::
     for each of grad_accum_steps micro-batches:
         loss = cross_entropy(model(input_ids), labels) / grad_accum_steps
         loss.backward()                   # gradients add up in .grad
+
+(``model.loss`` computes that cross-entropy with the head fused in, so the (B, T, V) logits are
+never whole: ``F.linear_cross_entropy``.)
     clip_grad_norm_(params, max_grad_norm)
     optimizer.step(); scheduler.step(); optimizer.zero_grad()
 
@@ -109,10 +112,11 @@ def causal_lm_loss(model, batch):
     ``labels`` are pre-shifted by the data pipeline: ``labels[b, t]`` is the token that should
     follow ``input_ids[b, t]``, with prompt and padding positions set to ``IGNORE_INDEX``.
     A packed batch (``minift/data/packing.py``) also brings ``positions`` and ``segment_ids``,
-    which the model needs to keep its examples apart.
+    which the model needs to keep its examples apart. ``model.loss`` runs the head in vocabulary
+    chunks fused with the loss (``F.linear_cross_entropy``): the same number without the logits.
     """
     packed = {key: batch[key] for key in PACKED_KEYS if key in batch}
-    return F.cross_entropy(model(batch["input_ids"], **packed), batch["labels"])
+    return model.loss(batch["input_ids"], batch["labels"], **packed)
 
 
 def evaluate_loss(model, loader, loss_fn=causal_lm_loss) -> float:

@@ -393,6 +393,87 @@ def test_token_logprobs_is_log_softmax_picked_at_the_target_and_zero_where_ignor
     np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-15)
 
 
+# ---- the fused head + log-softmax (vocabulary chunks, online logsumexp) ---------------------------
+@gradcheck
+@given(data=st.data())
+def test_linear_token_logprobs_in_chunks(backend, data):
+    """Gradients for h and the head W, through 1 to vocab-many chunks (``chunk_elements`` small),
+    with ignored positions; either input may be frozen."""
+    lead = data.draw(S.shapes(1, 2, 3))
+    dim, vocab = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 7))
+    h = data.draw(S.arrays((*lead, dim), -2.0, 2.0))
+    weight = data.draw(S.arrays((vocab, dim), -2.0, 2.0))
+    targets = xp.asarray(np.where(data.draw(S.bool_masks(lead)), -100, data.draw(S.ids(vocab, lead))))
+    chunk = data.draw(st.integers(1, 2 * vocab)) * int(np.prod(lead))  # 1 to `vocab` columns per chunk
+    check_gradients(lambda x, w: F.linear_token_logprobs(x, w, targets, chunk_elements=chunk), h, weight,
+                    requires=data.draw(requires_flags(2)), seed=data.draw(S.seeds))
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 12, 10**9])  # one column per chunk, 3 columns, whole
+def test_linear_token_logprobs_equals_the_unfused_head_then_log_softmax(backend, chunk_elements):
+    rng = np.random.default_rng(0)
+    h, weight = rng.standard_normal((2, 2, 5)) * 3, rng.standard_normal((11, 5))
+    targets = xp.asarray(np.array([[1, -100], [10, 0]]))
+    fused = F.linear_token_logprobs(Tensor(xp.asarray(h)), Tensor(xp.asarray(weight)), targets,
+                                    chunk_elements=chunk_elements)
+    plain = F.token_logprobs(F.linear(Tensor(xp.asarray(h)), Tensor(xp.asarray(weight))), targets)
+    assert fused.shape == (2, 2)
+    np.testing.assert_allclose(to_numpy(fused.data), to_numpy(plain.data), rtol=1e-13, atol=1e-13)
+    assert to_numpy(fused.data)[0, 1] == 0.0
+
+
+def test_linear_cross_entropy_equals_cross_entropy_of_the_logits_and_its_gradients(backend):
+    rng = np.random.default_rng(1)
+    h, weight = rng.standard_normal((3, 4, 6)), rng.standard_normal((50, 6))
+    targets = xp.asarray(np.where(rng.random((3, 4)) < 0.3, -100, rng.integers(0, 50, (3, 4))))
+    grads = []
+    for loss_of in (lambda x, w: F.linear_cross_entropy(x, w, targets, chunk_elements=24),
+                    lambda x, w: F.cross_entropy(F.linear(x, w), targets)):
+        x, w = Tensor(xp.asarray(h), requires_grad=True), Tensor(xp.asarray(weight), requires_grad=True)
+        loss = loss_of(x, w)
+        loss.backward()
+        grads.append((loss.item(), to_numpy(x.grad), to_numpy(w.grad)))
+    (fused_loss, fused_dx, fused_dw), (plain_loss, plain_dx, plain_dw) = grads
+    np.testing.assert_allclose(fused_loss, plain_loss, rtol=1e-13)
+    np.testing.assert_allclose(fused_dx, plain_dx, rtol=1e-11, atol=1e-15)
+    np.testing.assert_allclose(fused_dw, plain_dw, rtol=1e-11, atol=1e-15)
+
+
+def test_linear_cross_entropy_all_ignored_gives_zero_loss_and_zero_grad(backend):
+    h = Tensor(xp.asarray(np.random.default_rng(2).standard_normal((2, 3, 4))), requires_grad=True)
+    weight = Tensor(xp.asarray(np.random.default_rng(3).standard_normal((9, 4))))
+    loss = F.linear_cross_entropy(h, weight, xp.full((2, 3), -100))
+    assert loss.item() == 0.0
+    loss.backward()
+    np.testing.assert_array_equal(to_numpy(h.grad), np.zeros((2, 3, 4)))
+
+
+def test_linear_cross_entropy_refuses_a_target_outside_the_vocabulary(backend):
+    h, weight = Tensor(xp.zeros((2, 4))), Tensor(xp.zeros((9, 4)))
+    with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 9\)"):
+        F.linear_cross_entropy(h, weight, xp.asarray(np.array([3, 9])))
+
+
+def test_a_16_bit_head_is_widened_per_chunk_to_the_same_result():
+    """A bf16-stored frozen head gives what its float32 widening gives (each chunk is widened).
+    NumPy only: bfloat16 is an ``ml_dtypes`` NumPy dtype (``--base-dtype`` is host-only)."""
+    import ml_dtypes  # noqa: PLC0415 - imported where bf16 is used, as minift does
+    rng = np.random.default_rng(4)
+    h = rng.standard_normal((6, 8)).astype(np.float32)
+    narrow = rng.standard_normal((40, 8)).astype(ml_dtypes.bfloat16)
+    targets = xp.asarray(rng.integers(0, 40, 6))
+    x = Tensor(xp.asarray(h), requires_grad=True)
+    got = F.linear_cross_entropy(x, Tensor(xp.asarray(narrow)), targets, chunk_elements=60)
+    got.backward()
+    wide = Tensor(xp.asarray(narrow.astype(np.float32)))
+    x_ref = Tensor(xp.asarray(h), requires_grad=True)
+    expected = F.linear_cross_entropy(x_ref, wide, targets, chunk_elements=60)
+    expected.backward()
+    assert got.dtype == np.float32
+    assert got.item() == expected.item()
+    np.testing.assert_array_equal(to_numpy(x.grad), to_numpy(x_ref.grad))
+
+
 # ---- norms and activations ---------------------------------------------------------------------
 @gradcheck
 @given(data=st.data())

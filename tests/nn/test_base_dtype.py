@@ -1,6 +1,6 @@
-"""A frozen base stored in 16 bits (``cast_frozen``, ``WidenedLinear``; issue 19): the float32
-model with its frozen weights rounded once, bit for bit, in half the bytes; never a 16-bit weight
-that trains."""
+"""A frozen base stored in 16 bits (``cast_frozen``, ``WidenedLinear``, a 16-bit ``Embedding``;
+issue 19): the float32 model with its frozen weights rounded once, bit for bit, in half the bytes;
+never a 16-bit weight that trains."""
 
 import ml_dtypes
 import numpy as np
@@ -9,9 +9,9 @@ import pytest
 import minift.autograd.functional as F
 from minift.autograd import Tensor
 from minift.models import BLOCK_PROJECTIONS, LlamaConfig, LlamaForCausalLM
-from minift.nn import Linear, cast_frozen, freeze
+from minift.nn import Embedding, Linear, cast_frozen, freeze
 from minift.peft import LoraConfig, get_peft_model
-from minift.studies.memory import Precision, weight_bytes
+from minift.studies.memory import BASE_16BIT, Precision, weight_bytes
 from minift.training.methods import MethodOptions, prepare_model
 
 SMALL = dict(vocab_size=40, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=32)
@@ -68,6 +68,17 @@ def lora_model(seed: int = 0, tied: bool = True):
     return model
 
 
+def rounded_pair(dtype: str, tied: bool = True):
+    """(a LoRA model whose frozen base ``cast_frozen`` stored in ``dtype``, the same model in float32
+    with those weights rounded to ``dtype``)."""
+    narrow, reference = lora_model(tied=tied), lora_model(tied=tied)
+    cast = cast_frozen(narrow, dtype)
+    for name, param in reference.named_parameters():
+        if name in cast:
+            param.data = rounded(param.data, dtype)
+    return narrow, reference
+
+
 def loss_of(model):
     logits = model(IDS[:, :-1])
     return F.cross_entropy(logits.reshape(-1, SMALL["vocab_size"]), IDS[:, 1:].reshape(-1))
@@ -77,12 +88,15 @@ def loss_of(model):
 @pytest.mark.parametrize("tied", [True, False])
 def test_lora_gradients_through_a_16_bit_base_equal_float32_on_the_rounded_base(dtype, tied):
     """Tolerance: none. Widening is exact and both runs multiply the same float32 arrays with the
-    same products, so the loss and every LoRA gradient agree bit for bit. The embedding and the
-    head, tied or not, stay float32."""
+    same products, so the loss and every LoRA gradient agree bit for bit. The embedding is stored in
+    16 bits too, and with it the tied head (the same matrix); an untied head stays float32."""
     narrow, reference = lora_model(tied=tied), lora_model(tied=tied)
     cast = cast_frozen(narrow, dtype)
-    assert all(".layers." in name for name in cast)
-    assert len(cast) == SMALL["n_layers"] * len(BLOCK_PROJECTIONS)
+    assert [name for name in cast if ".layers." not in name] == ["base_model.model.model.embed_tokens.weight"]
+    assert len(cast) == SMALL["n_layers"] * len(BLOCK_PROJECTIONS) + 1
+    base = narrow.model  # the LlamaForCausalLM under the adapters
+    assert base.model.embed_tokens.weight.dtype == NARROW[dtype] and narrow.dtype == np.float32
+    assert tied or base.lm_head.weight.dtype == np.float32
     for name, param in reference.named_parameters():
         if name in cast:
             param.data = rounded(param.data, dtype)
@@ -97,11 +111,58 @@ def test_lora_gradients_through_a_16_bit_base_equal_float32_on_the_rounded_base(
     assert all(p.grad is None for p in narrow.parameters() if not p.requires_grad)
 
 
+def test_the_trainers_fused_loss_reads_a_16_bit_tied_head_exactly():
+    """``model.loss`` (the Trainer's: the head fused with the loss in vocabulary chunks) on the 16-bit
+    tied head = the same on the float32 rounded one, loss and LoRA gradients bit for bit."""
+    narrow, reference = rounded_pair("bf16")
+    losses = [model.loss(IDS[:, :-1], IDS[:, 1:]) for model in (narrow, reference)]
+    assert losses[0].item() == losses[1].item()
+    for loss in losses:
+        loss.backward()
+    grads = dict(reference.named_parameters(trainable_only=True))
+    for name, param in narrow.named_parameters(trainable_only=True):
+        np.testing.assert_array_equal(param.grad, grads[name].grad, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+def test_generation_on_a_16_bit_tied_base_equals_float32_on_the_rounded_base(dtype):
+    """Greedy tokens with the KV cache: the cache is made in ``model.dtype``, float32, not the
+    table's 16 bits, and every logit equals the rounded float32 model's."""
+    narrow, reference = rounded_pair(dtype)
+    prompt = IDS[:, :4]
+    tokens = narrow.generate(prompt, 10)
+    np.testing.assert_array_equal(tokens, reference.generate(prompt, 10))
+    assert len(set(tokens.ravel().tolist())) > 1  # a real sequence, not one token repeated
+    np.testing.assert_array_equal(narrow(IDS).data, reference(IDS).data)
+
+
+def test_a_16_bit_embedding_gathers_rounded_rows_in_half_the_bytes():
+    table, reference = Embedding(40, 16, rng=np.random.default_rng(5)), Embedding(40, 16)
+    reference.weight.data = rounded(table.weight.data, "f16")
+    float32_bytes = table.weight.data.nbytes
+    freeze(table)
+    table.weight.data = table.weight.data.astype(np.float16)
+    assert table.weight.data.nbytes * 2 == float32_bytes and table.compute_dtype == np.float32
+    rows = table(IDS)
+    assert rows.dtype == np.float32 and rows.shape == (*IDS.shape, 16) and not rows.requires_grad
+    np.testing.assert_array_equal(rows.data, reference(IDS).data)
+
+
+def test_a_trainable_16_bit_embedding_or_tied_head_is_refused():
+    table = Embedding(8, 4)
+    table.weight.data = table.weight.data.astype(np.float16)
+    with pytest.raises(TypeError, match=r"Embedding\(8, 4\): the weight is trainable.*only a frozen weight"):
+        table(np.array([[1, 2]]))
+    with pytest.raises(TypeError, match=r"Embedding\(8, 4\): the weight is trainable.*AdamW"):
+        table.attend(Tensor(np.ones((1, 2, 4), np.float32)))
+
+
 def test_the_frozen_weights_take_half_the_bytes_and_widen_back_exactly():
     model = lora_model()
     before = {name: p.data.copy() for name, p in model.named_parameters()}
     cast = cast_frozen(model, "bf16")
     params = dict(model.named_parameters())
+    assert "base_model.model.model.embed_tokens.weight" in cast  # the tied embedding and head
     for name in cast:
         assert params[name].data.nbytes * 2 == before[name].nbytes
     assert cast_frozen(model, "float32") == cast
@@ -128,14 +189,19 @@ def test_nothing_frozen_or_an_unknown_type_is_refused():
 
 @pytest.mark.parametrize("method", ["lora", "freeze", "last"])
 def test_the_ledger_predicts_the_weight_bytes_of_a_16_bit_base(method):
-    """``weight_bytes`` with 2-byte frozen Linear weights = the arrays' nbytes after ``cast_frozen``;
-    untied, so the head is a frozen Linear under lora and last that stays float32."""
+    """``weight_bytes`` with a 16-bit base (``BASE_16BIT``: 2-byte frozen Linear weights and frozen
+    embedding) = the arrays' nbytes after ``cast_frozen``, and with the Linear weights alone at 2
+    bytes = a cast that skips the embedding; untied, so the head is a frozen Linear under lora and
+    last that stays float32."""
     config = LlamaConfig(**SMALL, tie_embeddings=False)
     options = MethodOptions(layers=1, lora_r=4)
     model, _ = prepare_model(LlamaForCausalLM(config), method, options)
     float32_bytes = sum(p.data.nbytes for p in model.parameters())
+    cast_frozen(model, "f16", skip=("lm_head", "embed_tokens"))
+    linear_only = sum(p.data.nbytes for p in model.parameters())
     cast_frozen(model, "f16")
     stored = sum(p.data.nbytes for p in model.parameters())
-    assert stored < float32_bytes
+    assert stored + SMALL["vocab_size"] * SMALL["dim"] * 2 == linear_only < float32_bytes
     assert weight_bytes(config, method, options)["weights fp32"] == float32_bytes
-    assert weight_bytes(config, method, options, Precision(frozen_linear=2))["weights fp32"] == stored
+    assert weight_bytes(config, method, options, Precision(frozen_linear=2))["weights fp32"] == linear_only
+    assert weight_bytes(config, method, options, BASE_16BIT)["weights fp32"] == stored
