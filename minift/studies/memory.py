@@ -392,6 +392,12 @@ class Ledger:
         """(predicted - measured) / measured."""
         return (self.predicted[row] - self.measured[row]) / max(self.measured[row], 1)
 
+    def rows_off(self, tolerance: float) -> list[str]:
+        """The rows the prediction misses: off by ``tolerance`` or more (relative), or predicted
+        nonzero where nothing was measured."""
+        return [row for row in ROWS if (self.predicted[row] != 0 if self.measured[row] == 0
+                                        else abs(self.error(row)) >= tolerance)]
+
     def __str__(self) -> str:
         recompute = ", gradient checkpointing" if self.checkpointing else ""
         base = "" if self.base_dtype == "float32" else f", frozen base in {self.base_dtype}"

@@ -6,7 +6,7 @@ import pytest
 from minift.cli import main
 from minift.io import save_model
 from minift.models import LlamaConfig, LlamaForCausalLM
-from minift.studies.memory import MIXED, ROWS, ledger, llama_shape, parameter_counts, predict, projection
+from minift.studies.memory import MIXED, ROWS, Ledger, ledger, llama_shape, parameter_counts, predict, projection
 from minift.training.methods import MethodOptions
 
 # Large enough that arrays dwarf the Python objects around them (~0.1 MB), small enough to step in a second.
@@ -22,11 +22,7 @@ def model():
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])
 def test_every_predicted_row_is_within_10_percent_of_tracemalloc(model, method):
     result = ledger(model, method, batch=4, seq=64, options=OPTIONS)
-    for row in ROWS:
-        if result.measured[row] == 0:
-            assert result.predicted[row] == 0, row
-            continue
-        assert abs(result.error(row)) < 0.10, f"{row}: {result}"
+    assert result.rows_off(0.10) == [], str(result)
     if method == "qlora":  # read from nbytes on both sides: exact
         for row in ("weights nf4 codes", "weights nf4 state"):
             assert result.predicted[row] == result.measured[row] > 0
@@ -90,3 +86,12 @@ def test_activations_grow_with_the_square_of_the_sequence_only_through_attention
     attention = 4 * CONFIG.n_layers * CONFIG.n_heads * (64 * 64 - 2 * 32 * 32)
     rope = 4 * 2 * CONFIG.head_dim * (64 - 2 * 32)
     assert long - 2 * short == attention + rope
+
+
+def test_rows_off_names_a_missed_row_and_a_row_predicted_from_nothing():
+    measured = dict.fromkeys(ROWS, 1000)
+    measured["weights nf4 codes"] = 0
+    predicted = {**measured, "gradients": 1100, "peak": 1099, "weights nf4 codes": 8}
+    result = Ledger("lora", 1, 8, predicted, measured)
+    assert result.rows_off(0.10) == ["weights nf4 codes", "gradients"]
+    assert Ledger("lora", 1, 8, measured, measured).rows_off(0.10) == []
