@@ -314,24 +314,32 @@ class LlamaForCausalLM(Module):
             h = h[:, -1:]
         if self.lm_head is None:
             return self.model.embed_tokens.attend(h)  # the tied head, widened if stored in 16 bits
-        return F.linear(h, self.lm_head.weight)
+        return self.lm_head(h)  # a Linear (maybe 16-bit), or whatever wraps it (a LoRA layer)
 
     @property
     def head_weight(self):
-        """The (V, C) matrix the output head multiplies by: the embedding when tied."""
-        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        """The (V, C) matrix the output head multiplies by: the embedding when tied, an untied
+        plain ``Linear``'s weight; ``None`` when the head is more than one matrix (a LoRA layer
+        wraps it), which the fused loss cannot run and ``head_loss`` then takes the logits."""
+        if self.lm_head is None:
+            return self.model.embed_tokens.weight
+        return self.lm_head.weight if type(self.lm_head) is Linear else None
 
     def label_logprobs(self, input_ids, labels, positions=None, segment_ids=None):
         """log p(label) at every position (B, T), 0 where the label is ignored — what ``forward``
         then a log-softmax would give, without the (B, T, V) logits: the head runs in vocabulary
         chunks fused with the log-softmax (``F.linear_token_logprobs``). Training's choice."""
         h = self.hidden(input_ids, positions=positions, segment_ids=segment_ids)
+        if self.head_weight is None:
+            return F.token_logprobs(self.lm_head(h), labels)
         return F.linear_token_logprobs(h, self.head_weight, labels)
 
     def loss(self, input_ids, labels, positions=None, segment_ids=None):
         """Mean next-token cross-entropy over the counted labels (``F.linear_cross_entropy``):
         equal to ``F.cross_entropy(self(input_ids), labels)``, at a fraction of its memory."""
         h = self.hidden(input_ids, positions=positions, segment_ids=segment_ids)
+        if self.head_weight is None:
+            return F.cross_entropy(self.lm_head(h), labels)
         return F.linear_cross_entropy(h, self.head_weight, labels)
 
     def gradient_checkpointing_enable(self) -> None:

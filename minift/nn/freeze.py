@@ -83,7 +83,7 @@ def train_only_last_layers(model: Module, last_n: int = 1) -> list[str]:
     return keep
 
 
-def cast_frozen(model: Module, dtype: str, skip: tuple[str, ...] = ("lm_head",)) -> list[str]:
+def cast_frozen(model: Module, dtype: str, skip: tuple[str, ...] = ()) -> list[str]:
     """Store every frozen ``Linear`` weight, and a frozen embedding table, in ``dtype`` ("bf16",
     "f16", or "float32" to widen them back), except those whose dotted name contains one of
     ``skip``; returns the names of the weights cast. Call it after freezing (or ``get_peft_model``).
@@ -94,19 +94,20 @@ def cast_frozen(model: Module, dtype: str, skip: tuple[str, ...] = ("lm_head",))
     moments stay float32 (lecture 003's mixed precision keeps fp32 master weights for the same
     reason: a step of lr x update is mostly below a 16-bit weight's last digit). A tied head is
     the embedding table itself, so it is stored with it and widened per product by
-    ``Embedding.attend``. What is left in float32, and why:
-      - norms and biases: a few thousand numbers, not worth a second code path;
-      - an untied head (``skip``), as in QLoRA (``quantize_model``).
-    The embedding is cast only along with frozen ``Linear`` weights: with none of those (method
-    full; or qlora, whose frozen projections are 4-bit already) the call is refused, as the flag
-    most likely names the wrong method. Widening back to float32 before a save is exact, so a
+    ``Embedding.attend``; a frozen untied head is a ``Linear`` like the others. Norms and biases
+    stay in float32: a few thousand numbers, not worth a second code path. (QLoRA's 4-bit
+    ``quantize_model`` keeps the head in float; 16 bits round it far less.)
+    The embedding and head are cast only along with frozen block ``Linear`` weights: with none of
+    those (method full; or qlora, whose frozen projections are 4-bit already) the call is
+    refused, as the flag most likely names the wrong method. Widening back to float32 before a save is exact, so a
     saved model holds the rounded base.
     """
     target = base_dtype(dtype)
     frozen = [(f"{name}.weight".lstrip("."), layer) for name, layer in model.named_modules()
               if isinstance(layer, (Linear, Embedding)) and not layer.weight.requires_grad
               and not any(s in name for s in skip)]
-    if target != numpy.float32 and not any(isinstance(layer, Linear) for _, layer in frozen):
+    if target != numpy.float32 and not any(isinstance(layer, Linear) and "lm_head" not in name
+                                           for name, layer in frozen):
         raise ValueError(f"cast_frozen: no frozen Linear weight to store in {dtype}: every Linear trains "
                          f"(method full), or the frozen ones are 4-bit already (qlora). Freeze the base first "
                          f"(method lora, freeze or last), or keep it in float32 (--base-dtype float32)")

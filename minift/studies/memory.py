@@ -65,7 +65,7 @@ class Precision:
 
     weight: int = 4  # a stored (frozen or trainable) parameter
     frozen_linear: int = 4  # a frozen Linear weight: 2 with a 16-bit base (minift finetune --base-dtype bf16)
-    frozen_embedding: int = 4  # the frozen embedding (and the tied head, the same matrix): 2 with a 16-bit base
+    frozen_embedding: int = 4  # the frozen embedding and head (one matrix when tied): 2 with a 16-bit base
     grad: int = 4
     master: int = 0  # an fp32 copy of each trainable parameter, kept by the optimizer
     moments: int = 8  # AdamW's m and v
@@ -147,16 +147,18 @@ def nf4_state_bytes(n: int, blocksize: int) -> int:
 def frozen_linear_count(c: LlamaConfig, method: str, o: MethodOptions) -> int:
     """Weights of the frozen float ``Linear`` layers of the blocks: what ``cast_frozen``
     (minift/nn/freeze.py) stores in 16 bits. All blocks under LoRA, none under QLoRA (they are
-    NF4), the frozen ones otherwise. The embedding is ``frozen_embedding_count``; an untied head
-    stays float32 (``cast_frozen`` skips it: the model multiplies by it outside ``Linear``)."""
+    NF4), the frozen ones otherwise. The embedding and an untied head are ``frozen_embedding_count``."""
     blocks = c.n_layers if method == "lora" else 0 if method == "qlora" else _frozen_blocks(c, method, o)
     return blocks * (parameter_counts(c)["linear"] // c.n_layers)
 
 
 def frozen_embedding_count(c: LlamaConfig, method: str) -> int:
-    """Numbers of the token embedding when it is frozen (every method but full; a tied head is
-    the same matrix, counted once): stored at ``Precision.frozen_embedding`` bytes each."""
-    return 0 if method == "full" else c.vocab_size * c.dim
+    """Numbers of the (V, C) matrices that are frozen, stored at ``Precision.frozen_embedding``
+    bytes each: the token embedding under every method but full (a tied head is the same matrix,
+    counted once), and an untied head where it is frozen (lora, qlora, last; ``trainable_count``)."""
+    embedding = 0 if method == "full" else c.vocab_size * c.dim
+    head_frozen = not c.tie_embeddings and method in ("lora", "qlora", "last")
+    return embedding + (c.vocab_size * c.dim if head_frozen else 0)
 
 
 def weight_bytes(c: LlamaConfig, method: str, o: MethodOptions, p: Precision = MINIFT) -> dict[str, int]:

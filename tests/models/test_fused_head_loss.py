@@ -52,6 +52,25 @@ def test_fused_loss_and_gradients_equal_the_logits_path(tie, method):
         np.testing.assert_allclose(g, expected[name], rtol=0, atol=1e-12 * scale, err_msg=name)
 
 
+def test_lora_on_an_untied_head_is_in_the_logits_the_loss_and_the_gradients():
+    """A LoRA adapter on ``lm_head`` makes the head more than one matrix: ``forward`` runs the
+    wrapped layer, and ``loss`` / ``label_logprobs`` take its logits instead of the fused head
+    (which would read the base weight alone and leave the adapter untrained)."""
+    model = get_peft_model(LlamaForCausalLM(LlamaConfig(**SMALL, tie_embeddings=False), seed=1).to(np.float64),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head"]))
+    without = to_numpy(model(IDS).data)
+    b = next(p for name, p in model.named_parameters() if "lm_head.lora_B" in name)
+    b.data = np.random.default_rng(3).normal(0, 0.1, b.shape)
+    logits = model(IDS)
+    assert np.abs(to_numpy(logits.data) - without).max() > 1e-3
+    loss = model.loss(IDS, LABELS)
+    np.testing.assert_allclose(loss.item(), F.cross_entropy(logits, LABELS).item(), rtol=1e-13)
+    np.testing.assert_allclose(to_numpy(model.label_logprobs(IDS, LABELS).data),
+                               to_numpy(F.token_logprobs(logits, LABELS).data), rtol=1e-13)
+    loss.backward()
+    assert np.abs(to_numpy(b.grad)).max() > 0
+
+
 def test_label_logprobs_equal_log_softmax_of_the_logits():
     model = model_of(tie=True, method="full")
     logits = to_numpy(model(IDS).data)

@@ -89,14 +89,15 @@ def loss_of(model):
 def test_lora_gradients_through_a_16_bit_base_equal_float32_on_the_rounded_base(dtype, tied):
     """Tolerance: none. Widening is exact and both runs multiply the same float32 arrays with the
     same products, so the loss and every LoRA gradient agree bit for bit. The embedding is stored in
-    16 bits too, and with it the tied head (the same matrix); an untied head stays float32."""
+    16 bits too, and with it the head: the same matrix when tied, a frozen ``Linear`` when not."""
     narrow, reference = lora_model(tied=tied), lora_model(tied=tied)
     cast = cast_frozen(narrow, dtype)
-    assert [name for name in cast if ".layers." not in name] == ["base_model.model.model.embed_tokens.weight"]
-    assert len(cast) == SMALL["n_layers"] * len(BLOCK_PROJECTIONS) + 1
+    heads = [] if tied else ["base_model.model.lm_head.weight"]
+    assert [name for name in cast if ".layers." not in name] == ["base_model.model.model.embed_tokens.weight", *heads]
+    assert len(cast) == SMALL["n_layers"] * len(BLOCK_PROJECTIONS) + 1 + len(heads)
     base = narrow.model  # the LlamaForCausalLM under the adapters
     assert base.model.embed_tokens.weight.dtype == NARROW[dtype] and narrow.dtype == np.float32
-    assert tied or base.lm_head.weight.dtype == np.float32
+    assert tied or base.lm_head.weight.dtype == NARROW[dtype]
     for name, param in reference.named_parameters():
         if name in cast:
             param.data = rounded(param.data, dtype)
@@ -111,10 +112,12 @@ def test_lora_gradients_through_a_16_bit_base_equal_float32_on_the_rounded_base(
     assert all(p.grad is None for p in narrow.parameters() if not p.requires_grad)
 
 
-def test_the_trainers_fused_loss_reads_a_16_bit_tied_head_exactly():
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_trainers_fused_loss_reads_a_16_bit_head_exactly(tied):
     """``model.loss`` (the Trainer's: the head fused with the loss in vocabulary chunks) on the 16-bit
-    tied head = the same on the float32 rounded one, loss and LoRA gradients bit for bit."""
-    narrow, reference = rounded_pair("bf16")
+    head, tied or not, = the same on the float32 rounded one, loss and LoRA gradients bit for bit."""
+    narrow, reference = rounded_pair("bf16", tied=tied)
+    assert narrow.model.head_weight.dtype == NARROW["bf16"]
     losses = [model.loss(IDS[:, :-1], IDS[:, 1:]) for model in (narrow, reference)]
     assert losses[0].item() == losses[1].item()
     for loss in losses:
@@ -191,8 +194,8 @@ def test_nothing_frozen_or_an_unknown_type_is_refused():
 def test_the_ledger_predicts_the_weight_bytes_of_a_16_bit_base(method):
     """``weight_bytes`` with a 16-bit base (``BASE_16BIT``: 2-byte frozen Linear weights and frozen
     embedding) = the arrays' nbytes after ``cast_frozen``, and with the Linear weights alone at 2
-    bytes = a cast that skips the embedding; untied, so the head is a frozen Linear under lora and
-    last that stays float32."""
+    bytes = a cast that skips the embedding and head; untied, so the head is a frozen Linear under
+    lora and last (cast with the embedding) and trains under freeze."""
     config = LlamaConfig(**SMALL, tie_embeddings=False)
     options = MethodOptions(layers=1, lora_r=4)
     model, _ = prepare_model(LlamaForCausalLM(config), method, options)
@@ -201,7 +204,8 @@ def test_the_ledger_predicts_the_weight_bytes_of_a_16_bit_base(method):
     linear_only = sum(p.data.nbytes for p in model.parameters())
     cast_frozen(model, "f16")
     stored = sum(p.data.nbytes for p in model.parameters())
-    assert stored + SMALL["vocab_size"] * SMALL["dim"] * 2 == linear_only < float32_bytes
+    frozen_matrices = 1 if method == "freeze" else 2  # the embedding, and the head unless it trains
+    assert stored + frozen_matrices * SMALL["vocab_size"] * SMALL["dim"] * 2 == linear_only < float32_bytes
     assert weight_bytes(config, method, options)["weights fp32"] == float32_bytes
     assert weight_bytes(config, method, options, Precision(frozen_linear=2))["weights fp32"] == linear_only
     assert weight_bytes(config, method, options, BASE_16BIT)["weights fp32"] == stored
