@@ -12,11 +12,6 @@ from minift.backend import to_numpy
 from minift.serve import AdapterError, AdapterLibrary, Request, SlotBudgetError, plan_batches
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    return write_adapters(tmp_path_factory.mktemp("adapters"))
-
-
 def slot_content(engine, module: str, slot: int):
     layer = engine.layers[module]
     return to_numpy(layer.A_stack[slot]), to_numpy(layer.B_stack[slot])

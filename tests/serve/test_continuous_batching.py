@@ -11,17 +11,12 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from serve_fixtures import ADAPTERS, make_engine, write_adapters
+from serve_fixtures import ADAPTERS, make_engine
 from strategies import serving_requests
 
 from minift.serve import Request, Scheduler
 
 fixture_ok = settings(suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    return write_adapters(tmp_path_factory.mktemp("adapters"))
 
 
 def run_schedule(scheduler: Scheduler, arrivals: dict[int, list[Request]]):

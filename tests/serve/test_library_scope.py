@@ -4,16 +4,11 @@ values are finite, the rank fits the slots; unloading frees the slot only once n
 
 import numpy as np
 import pytest
-from serve_fixtures import base_model, make_engine, merged_reference, rewrite, write_adapters
+from serve_fixtures import base_model, make_engine, merged_reference, rewrite
 
 from minift.serve import AdapterError, AdapterLibrary, Request, ServingEngine
 
 PREFIX = "base_model.model.model.layers"
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    return write_adapters(tmp_path_factory.mktemp("adapters"))
 
 
 def drop_pair(module):

@@ -14,7 +14,6 @@ from serve_fixtures import (
     base_model,
     make_engine,
     merged_reference,
-    write_adapters,
     write_overflowing_adapter,
 )
 from strategies import serving_requests
@@ -26,11 +25,6 @@ from minift.serve import NO_ADAPTER, Request, lora_gather_delta
 from minift.serve import engine as engine_module
 
 fixture_ok = settings(suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    return write_adapters(tmp_path_factory.mktemp("adapters"))
 
 
 def reference_run(model, request: Request, eos_id):
