@@ -7,23 +7,25 @@ Part 1. Weights N(0, 0.02) in float32, block size 64, double quantization on (QL
 at several sizes from one 576 x 576 projection to 16 M weights. For each size the same weights
 go through:
 
-* minift ``quantize_nf4`` and both dequantizations: ``dequantize_nf4`` (the plain reference:
-  unpack, look up, decode the absmax, scale) and ``dequantize_nf4_by_byte`` (the fast path that
-  ``Linear4bit`` runs on the CPU: a 256-entry table per byte, row blocks on a thread pool) at 1
-  thread and at ``--threads``;
+* minift ``quantize_nf4`` and three dequantizations: ``dequantize_nf4`` (the plain reference:
+  unpack, look up, decode the absmax, scale), ``dequantize_nf4_by_byte`` (NumPy's fast path: a
+  256-entry table per byte, row blocks on a thread pool) and ``dequantize_nf4_compiled`` (what
+  ``Linear4bit`` runs on the CPU: kernels/nf4_decode_cpu.cpp, a compiled SIMD loop, blocks split
+  over C++ threads), the last two at 1 thread and at ``--threads``;
 * bitsandbytes ``quantize_4bit`` / ``dequantize_4bit`` on CPU tensors, at ``--threads`` (and
   ``dequantize_4bit`` at 1 thread as well).
 
 GB/s counts the float32 side: 4 bytes per weight read by quantization, written by
 dequantization. The median of ``--repeat`` runs after one warm-up. Also checks that the two
-sides' codes and weights agree bit for bit (they should: tests/interop/test_bitsandbytes.py).
+sides' codes and weights agree bit for bit (they should: tests/interop/test_bitsandbytes.py), and
+minift's three decoders with each other.
 
 Part 2 (skip with ``--steps 0``), at ``--step-threads`` (1 by default: on a shared 2-core
 machine a second BLAS thread that waits for a busy core can make a step several times slower,
 see ``minift/cli.py``'s ``DEFAULT_THREADS``). The real SmolLM2-135M, batch 4 x 128 random tokens, one
 ``Trainer.train_step`` each (forward, loss, backward, clipping, AdamW): LoRA (r = 8 on q, k, v,
-o; the float base) and QLoRA (the same LoRA on an NF4 base), QLoRA once with the fast decoder and
-once with the plain reference swapped in. The three take turns step by step, so a neighbour's
+o; the float base) and QLoRA (the same LoRA on an NF4 base), QLoRA with each CPU decoder swapped
+in: the compiled one, NumPy's by-byte one and the plain reference. The four take turns step by step, so a neighbour's
 load falls on all of them alike; the median of ``--steps`` after one warm-up step each, and the
 seconds per step spent decoding NF4. The load average is printed before and after: on a shared
 machine it says how far to trust the numbers.
@@ -64,6 +66,7 @@ def measure(shape, threads: int, repeat: int) -> dict:
     import bitsandbytes.functional as bnb_f
     import torch
 
+    from minift.cuda.cpu_decode import best_version, dequantize_nf4_compiled
     from minift.quant.nf4 import dequantize_nf4, dequantize_nf4_by_byte, quantize_nf4
 
     weights = (np.random.default_rng(0).standard_normal(shape) * 0.02).astype(np.float32)
@@ -71,6 +74,7 @@ def measure(shape, threads: int, repeat: int) -> dict:
     packed, state = quantize_nf4(weights, BLOCK, double_quant=True)
     bnb_packed, bnb_state = bnb_f.quantize_4bit(tensor, blocksize=BLOCK, compress_statistics=True, quant_type="nf4")
     ours = dequantize_nf4_by_byte(packed, state, threads=threads)
+    compiled = dequantize_nf4_compiled(packed, state, threads=threads)
     theirs = bnb_f.dequantize_4bit(bnb_packed, bnb_state).numpy()
     gb = weights.nbytes / 1e9
     seconds = {
@@ -82,6 +86,10 @@ def measure(shape, threads: int, repeat: int) -> dict:
                                                              repeat),
         f"minift dequantize (fast, {threads} threads)": median_seconds(
             lambda: dequantize_nf4_by_byte(packed, state, threads=threads), repeat),
+        "minift dequantize (compiled, 1 thread)": median_seconds(
+            lambda: dequantize_nf4_compiled(packed, state, threads=1), repeat),
+        f"minift dequantize (compiled, {threads} threads)": median_seconds(
+            lambda: dequantize_nf4_compiled(packed, state, threads=threads), repeat),
         f"bnb dequantize ({threads} threads)": median_seconds(lambda: bnb_f.dequantize_4bit(bnb_packed, bnb_state),
                                                              repeat),
     }
@@ -91,19 +99,22 @@ def measure(shape, threads: int, repeat: int) -> dict:
     return {"shape": list(shape), "weights": int(weights.size),
             "same_codes": bool(np.array_equal(packed.reshape(-1), bnb_packed.numpy().reshape(-1))),
             "fast_equals_reference": bool(ours.tobytes() == dequantize_nf4(packed, state).tobytes()),
+            "compiled_equals_reference": bool(compiled.tobytes() == dequantize_nf4(packed, state).tobytes()),
+            "compiled_version": best_version(BLOCK),
             "max_weight_difference": float(np.abs(ours - theirs).max()),
             "seconds": seconds, "gb_per_s": {name: gb / s for name, s in seconds.items()}}
 
 
 def step_times(steps: int) -> dict:
-    """Seconds per training step of LoRA and QLoRA (fast and reference decoders) on SmolLM2-135M,
-    taking turns step by step, and the seconds per step spent decoding NF4."""
+    """Seconds per training step of LoRA and QLoRA (each CPU decoder) on SmolLM2-135M, taking
+    turns step by step, and the seconds per step spent decoding NF4."""
     import copy
 
     from minift import load_pretrained
+    from minift.cuda.cpu_decode import dequantize_nf4_compiled
     from minift.data import DataLoader
     from minift.nn import linear4bit
-    from minift.quant.nf4 import dequantize_nf4
+    from minift.quant.nf4 import dequantize_nf4, dequantize_nf4_by_byte
     from minift.training import TrainConfig, Trainer
     from minift.training.methods import prepare_model
 
@@ -114,7 +125,7 @@ def step_times(steps: int) -> dict:
     trainers = {method: Trainer(prepare_model(copy.deepcopy(base), method)[0],
                                 TrainConfig(max_steps=steps + 1, lr=1e-4, progress=False),
                                 DataLoader(rows, STEP_BATCH, pad_id=0)) for method in ("lora", "qlora")}
-    fast_decoder = linear4bit.dequantize_nf4_by_byte
+    chosen_decoder = linear4bit.cpu_decoder
     decoding = {"seconds": 0.0}
 
     def timed(decoder):
@@ -125,20 +136,22 @@ def step_times(steps: int) -> dict:
             return weight
         return decode
 
-    runs = {"LoRA": ("lora", fast_decoder), "QLoRA (fast decoder)": ("qlora", fast_decoder),
+    runs = {"LoRA": ("lora", dequantize_nf4_compiled), "QLoRA (compiled decoder)": ("qlora", dequantize_nf4_compiled),
+            "QLoRA (NumPy by-byte decoder)": ("qlora", dequantize_nf4_by_byte),
             "QLoRA (reference decoder)": ("qlora", dequantize_nf4)}
     seconds = {name: [] for name in runs}
     decode_seconds = {name: [] for name in runs}
     for step in range(steps + 1):
         for name, (method, decoder) in runs.items():
-            linear4bit.dequantize_nf4_by_byte = timed(decoder)  # what Linear4bit calls on the CPU
+            timed_decoder = timed(decoder)
+            linear4bit.cpu_decoder = lambda chosen=timed_decoder: chosen  # what Linear4bit asks for on the CPU
             decoding["seconds"] = 0.0
             start = time.perf_counter()
             trainers[method].train_step()
             if step:  # the first step of each warms caches and allocations
                 seconds[name].append(time.perf_counter() - start)
                 decode_seconds[name].append(decoding["seconds"])
-    linear4bit.dequantize_nf4_by_byte = fast_decoder
+    linear4bit.cpu_decoder = chosen_decoder
     return {name: {"median_s": statistics.median(seconds[name]), "all_s": seconds[name],
                    "decode_s": statistics.median(decode_seconds[name])} for name in runs}
 
@@ -182,22 +195,27 @@ def main() -> None:
     load_after = os.getloadavg()
     names = list(next(iter(rows.values()))["gb_per_s"])
     fast = f"minift dequantize (fast, {args.threads} threads)"
+    compiled = f"minift dequantize (compiled, {args.threads} threads)"
     print(f"NF4 throughput, GB/s of float32 weights, {args.threads} threads, median of {args.repeat}")
-    print(f"{'size':12}" + "".join(f"{n:>38}" for n in names) + "   same codes  fast == reference")
+    print(f"{'size':12}" + "".join(f"{n:>42}" for n in names)
+          + "   same codes  fast == reference  compiled == reference")
     for size, row in rows.items():
-        print(f"{size:12}" + "".join(f"{row['gb_per_s'][n]:38.2f}" for n in names)
-              + f"   {row['same_codes']!s:10}  {row['fast_equals_reference']}")
+        print(f"{size:12}" + "".join(f"{row['gb_per_s'][n]:42.2f}" for n in names)
+              + f"   {row['same_codes']!s:10}  {row['fast_equals_reference']!s:17}  {row['compiled_equals_reference']}")
+    print(f"  (compiled loop: the {next(iter(rows.values()))['compiled_version']} version on this CPU)")
     for size, row in rows.items():
         speed = row["gb_per_s"]
-        print(f"  {size}: minift fast dequantize / bitsandbytes = "
-              f"{speed[fast] / speed[f'bnb dequantize ({args.threads} threads)']:.2f} at {args.threads} threads, "
-              f"{speed['minift dequantize (fast, 1 thread)'] / speed['bnb dequantize (1 thread)']:.2f} at 1 thread")
+        bnb, bnb_1 = speed[f"bnb dequantize ({args.threads} threads)"], speed["bnb dequantize (1 thread)"]
+        print(f"  {size}: minift / bitsandbytes dequantize: compiled {speed[compiled] / bnb:.2f} at "
+              f"{args.threads} threads, {speed['minift dequantize (compiled, 1 thread)'] / bnb_1:.2f} at 1 thread; "
+              f"NumPy fast {speed[fast] / bnb:.2f} at {args.threads} threads, "
+              f"{speed['minift dequantize (fast, 1 thread)'] / bnb_1:.2f} at 1 thread")
     for name, row in steps.items():
         print(f"{name:>26}: {row['median_s']:.2f} s/step (steps {', '.join(f'{s:.2f}' for s in row['all_s'])}), "
               f"NF4 decoding {row['decode_s']:.3f} s/step")
     if steps:
         print(f"  (training steps at {args.step_threads} thread(s))")
-        for name in ("QLoRA (fast decoder)", "QLoRA (reference decoder)"):
+        for name in ("QLoRA (compiled decoder)", "QLoRA (NumPy by-byte decoder)", "QLoRA (reference decoder)"):
             print(f"  {name} / LoRA = {steps[name]['median_s'] / steps['LoRA']['median_s']:.2f}")
     print(f"load average (1, 5, 15 min): before {load_before}, after {load_after}, on {os.cpu_count()} cores")
     RESULTS.mkdir(exist_ok=True)

@@ -9,7 +9,8 @@ arguments — the same (grid, block, smem, args) a GPU launch gets (see ``minift
 
 Built libraries are cached under ``$MINIFT_CACHE/cuda_emu`` (default ``~/.cache/minift``), named by
 a hash of everything that goes into the build, so an edit to a kernel or to the header rebuilds it
-and nothing else does.
+and nothing else does. ``compile_library`` is that build and cache; the compiled CPU NF4 decoder
+(``minift/cuda/cpu_decode.py``) uses it too.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ _CTYPES = {"f32": ctypes.c_float, "f64": ctypes.c_double, "i32": ctypes.c_int32,
 
 
 class EmulatorBuildError(RuntimeError):
-    """g++ could not build a kernel file for the emulator (the compiler's message is included)."""
+    """g++ could not build a kernel file for the emulator, or the compiled CPU decoder (the
+    compiler's message is included)."""
 
 
 class EmulatorLaunchError(RuntimeError):
@@ -86,31 +88,47 @@ def translation_unit(source: str, filename: str) -> str:
 
 
 @functools.cache
-def _compiler_version() -> str:
+def _compiler_version(cxx: str) -> str:
     try:
-        return subprocess.run([CXX, "--version"], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as exc:
-        raise EmulatorBuildError(f"the CUDA emulator needs a C++20 compiler ({CXX}): {exc}") from exc
+        raise EmulatorBuildError(f"building kernels/ for the CPU needs a C++20 compiler ({cxx}, set $CXX to "
+                                 f"another): {exc}") from exc
 
 
-def _build(unit: str, stem: str) -> Path:
-    """Compile ``unit`` into a shared library in the cache (reused when the same text was built)."""
-    headers = "".join(p.read_text() for p in sorted(EMU_DIR.glob("*.h")))
-    digest = hashlib.sha256("\0".join([unit, headers, " ".join(CXX_FLAGS), _compiler_version()]).encode()).hexdigest()
-    target = cache_dir() / f"{stem}-{digest[:20]}.so"
+def compile_library(unit: str, stem: str, flags: tuple[str, ...], include_args: tuple[str, ...] = (),
+                    hashed_extra: str = "") -> Path:
+    """Compile the C++ text ``unit`` with ``CXX`` into a shared library in the cache, reused when
+    the same text, ``hashed_extra`` (the text of the headers it includes), ``flags`` and compiler
+    were built before. ``include_args`` (-I, -include) are passed but not hashed: they name where
+    the headers are, which does not change what is built. The one place minift runs the compiler:
+    the emulator and the compiled CPU decoder (minift/cuda/cpu_decode.py) both build through it."""
+    cxx = CXX
+    key = "\0".join([unit, hashed_extra, " ".join(flags), _compiler_version(cxx)])
+    target = cache_dir() / f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         cpp, lib = Path(tmp) / f"{stem}.cpp", Path(tmp) / f"{stem}.so"
         cpp.write_text(unit)
-        cmd = [CXX, *CXX_FLAGS, "-I", str(EMU_DIR), "-I", str(KERNEL_DIR), "-include", "cuda_emu.h", str(cpp),
-               "-o", str(lib)]
-        done = subprocess.run(cmd, check=False, capture_output=True, text=True)
+        try:
+            done = subprocess.run([cxx, *flags, *include_args, str(cpp), "-o", str(lib)], check=False,
+                                  capture_output=True, text=True)
+        except OSError as exc:
+            raise EmulatorBuildError(f"{cxx} could not be run to build {stem}: {exc}; set $CXX to a C++20 compiler") \
+                from exc
         if done.returncode != 0:
-            raise EmulatorBuildError(f"g++ could not build {stem} for the CUDA emulator:\n{done.stderr}")
+            raise EmulatorBuildError(f"{cxx} could not build {stem}:\n{done.stderr}")
         os.replace(lib, target)  # atomic: a concurrent build never sees half a library
     return target
+
+
+def _build(unit: str, stem: str) -> Path:
+    """Compile an emulator translation unit (``translation_unit``) against the emulation headers."""
+    headers = "".join(p.read_text() for p in sorted(EMU_DIR.glob("*.h")))
+    includes = ("-I", str(EMU_DIR), "-I", str(KERNEL_DIR), "-include", "cuda_emu.h")
+    return compile_library(unit, stem, CXX_FLAGS, includes, hashed_extra=headers)
 
 
 class EmulatedModule:

@@ -19,9 +19,14 @@ weight), never a float copy of W — that is the whole memory saving of QLoRA ov
 
 from __future__ import annotations
 
+import functools
+import os
+import warnings
+
 import numpy
 
-from minift.cuda import kernels
+from minift.cuda import cpu_decode, kernels
+from minift.cuda.emulator import EmulatorBuildError
 from minift.nn.decoded import DecodedLinear
 from minift.nn.layers import Linear
 from minift.nn.module import Module, Parameter
@@ -32,13 +37,47 @@ def on_gpu(array) -> bool:
     return kernels.is_cupy_array(array)
 
 
+#: Set to "numpy" to decode NF4 on the CPU with ``dequantize_nf4_by_byte`` instead of the compiled
+#: loop (benchmarks, tests, or a machine where the compiled one misbehaves).
+DECODER_ENV = "MINIFT_NF4_DECODER"
+
+
+@functools.cache
+def compiled_decoder_builds() -> bool:
+    """Whether kernels/nf4_decode_cpu.cpp builds and loads here; asked once per process. A machine
+    without a working compiler must still train, only slower: it gets one warning, naming what
+    failed, and the NumPy decoder from then on."""
+    try:
+        cpu_decode.library()
+    except (EmulatorBuildError, OSError) as exc:
+        warnings.warn(f"minift/nn/linear4bit.py: the compiled NF4 decoder (kernels/{cpu_decode.SOURCE}) could not "
+                      f"be built, so NF4 weights are decoded by NumPy (dequantize_nf4_by_byte, several times "
+                      f"slower). Set $CXX to a working C++20 compiler to get it back. The error: {exc}",
+                      RuntimeWarning, stacklevel=2)
+        return False
+    return True
+
+
+def cpu_decoder():
+    """The CPU decoder ``Linear4bit`` runs: ``dequantize_nf4_compiled`` (a compiled SIMD loop,
+    minift/cuda/cpu_decode.py), or ``dequantize_nf4_by_byte`` (NumPy: a table per byte) when
+    ``$MINIFT_NF4_DECODER`` is "numpy" or the compiled one cannot be built. Both split the
+    weight over as many threads as the BLAS (``minift --threads``)."""
+    choice = os.environ.get(DECODER_ENV, "compiled")
+    if choice not in ("compiled", "numpy"):
+        raise ValueError(f"${DECODER_ENV}={choice!r}: set it to 'compiled' (the default) or 'numpy'")
+    if choice == "compiled" and compiled_decoder_builds():
+        return cpu_decode.dequantize_nf4_compiled
+    return dequantize_nf4_by_byte
+
+
 def dequantize(packed, state, dtype):
     """NF4 codes -> float weight, by the fastest decoder for where the codes live: on a GPU the
     CUDA kernel (kernels/nf4_dequant.cu; float32 and float16) or else the plain
-    ``dequantize_nf4``; on the CPU ``dequantize_nf4_by_byte`` (a table per byte, row blocks on
-    as many threads as the BLAS). All of them agree bit for bit."""
+    ``dequantize_nf4``; on the CPU ``cpu_decoder()`` (the compiled loop, or NumPy's table per
+    byte). All of them agree bit for bit."""
     if not on_gpu(packed):
-        return dequantize_nf4_by_byte(packed, state, dtype=dtype)
+        return cpu_decoder()(packed, state, dtype=dtype)
     if numpy.dtype(dtype) in (numpy.float32, numpy.float16):
         return kernels.dequantize_nf4(packed, state, dtype=dtype)
     return dequantize_nf4(packed, state, dtype=dtype)
