@@ -1,6 +1,6 @@
 """Where the time of one LoRA training step on SmolLM2-135M goes: matmul vs everything else.
 
-    python benchmarks/step_profile.py [--method lora] [--steps 3] [--threads 1]
+    python benchmarks/step_profile.py [--method lora] [--steps 3] [--threads 1] [--serial-rows]
 
 The same step as benchmarks/step_vs_torch.py (batch 4 x 128 random tokens, float32, LoRA r=8 on
 q, k, v, o; forward, cross-entropy, backward, clipping, AdamW, zero_grad), timed from inside:
@@ -16,6 +16,14 @@ an op's row is its own elementwise work (attention's row is its mask, softmax an
 four products are matmul). What no timer covers (the graph walk, gradient accumulation, Python)
 is the "engine and Python" row. This measures; it optimises nothing. Prints the table for
 docs/benchmarks.md.
+
+The elementwise ops that run over row blocks on the BLAS threads (minift/autograd/parallel.py:
+RMSNorm, SwiGLU, RoPE, attention's softmax, the fused head's exponentials) do so as in training;
+``--serial-rows`` keeps every one of them on the calling thread (no array is large enough to
+split), the step as it was before the row blocks, for a side-by-side in one sitting. Whether the
+blocks pay depends on OpenBLAS's worker threads: they spin after each product unless
+``OPENBLAS_THREAD_TIMEOUT`` is low when NumPy loads, which is why minift is imported first here
+(its ``__init__`` sets 4 unless the environment has a value; docs/benchmarks.md has both).
 """
 
 from __future__ import annotations
@@ -26,6 +34,9 @@ import sys
 import time
 from collections import defaultdict
 
+# isort: off
+import minift  # noqa: F401 - before NumPy, see the docstring
+# isort: on
 import numpy as np
 
 BATCH, SEQ, VOCAB = 4, 128, 49152
@@ -109,7 +120,12 @@ def main() -> None:
     parser.add_argument("--method", default="lora", choices=["full", "lora", "qlora"])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--serial-rows", action="store_true", help="elementwise ops on one thread")
     args = parser.parse_args()
+    if args.serial_rows:
+        from minift.autograd import parallel
+
+        parallel.MIN_ELEMENTS_PER_THREAD = sys.maxsize
     from threadpoolctl import threadpool_limits
 
     from minift.allocator import keep_freed_memory
@@ -127,7 +143,8 @@ def main() -> None:
         total = (time.perf_counter() - start) / args.steps
     per_step = {label: s / args.steps for label, s in timer.seconds.items()}
     per_step["engine and Python (untimed)"] = total - sum(per_step.values())
-    print(f"{args.method} step on SmolLM2-135M, batch {BATCH}x{SEQ}, {args.threads} BLAS thread(s), "
+    rows = "elementwise on one thread" if args.serial_rows else "elementwise over row blocks"
+    print(f"{args.method} step on SmolLM2-135M, batch {BATCH}x{SEQ}, {args.threads} BLAS thread(s), {rows}, "
           f"mean of {args.steps} steps: {total:.2f} s; load average {os.getloadavg()[0]:.2f}")
     print(f"| {'part':30} | {'s per step':>10} | {'share':>6} |")
     print(f"|{'-' * 32}|{'-' * 11}:|{'-' * 7}:|")

@@ -6,6 +6,15 @@ docs/design.md draws the layers. The names below are imported on first use (PEP 
 """
 
 import importlib
+import os
+
+# Before anything loads NumPy: OpenBLAS's worker threads sleep as soon as a matrix product ends
+# instead of spinning on their cores for up to 2^28 cycles, so the elementwise row blocks that
+# follow each product (minift/autograd/parallel.py) find the second core free. Measured on 2
+# cores: products as fast as before, the split ops 9-24 % faster (docs/benchmarks.md, "At two
+# threads"). Only a default: a value already in the environment wins; if NumPy was imported
+# before minift, OpenBLAS has read its setting already and this changes nothing.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 __version__ = "0.1.0"
 

@@ -23,10 +23,14 @@ Backward, with dO the incoming gradient:
 The G query heads of a group are a reshape of Q, not copies of K and V: K and V are never
 repeated in memory. A query that may see no key at all (a padding position under left padding)
 gets P = 0 and output 0 instead of NaN. Saves: Q, K, V and P.
+
+The softmax and its backward work on each score row alone, so they run over blocks of rows
+on the BLAS threads (``over_row_blocks``, minift/autograd/parallel.py), with the same bits.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -34,6 +38,7 @@ import numpy
 
 from minift.autograd.elementwise import ShapeError, counted_matmul
 from minift.autograd.function import Function
+from minift.autograd.parallel import over_row_blocks
 from minift.backend import to_numpy, xp
 
 #: Segments are padded up to a multiple of this many tokens so that segments of nearby lengths
@@ -83,12 +88,24 @@ def _attend(qg, kg, vg, allowed, scale):
     s = counted_matmul(qg, xp.swapaxes(kg, -1, -2)) * xp.asarray(scale, dtype=qg.dtype)
     if allowed is not None:
         s = xp.where(allowed, s, xp.asarray(-xp.inf, dtype=s.dtype))
+    over_row_blocks(_softmax_rows, s.reshape(-1, s.shape[-1]))  # s is new, so this is a view
+    return counted_matmul(s, vg), s
+
+
+def _softmax_rows(s) -> None:
+    """Scores (rows, Tk) -> their softmax over keys, in place. A row masked throughout stays
+    -inf after the shift (not NaN) and ends as P = 0: it attends to nothing, its output is 0."""
     row_max = s.max(axis=-1, keepdims=True)
-    s -= xp.where(xp.isfinite(row_max), row_max, 0)  # a fully masked row stays -inf, not NaN
-    p = xp.exp(s, out=s)
-    total = p.sum(axis=-1, keepdims=True)
-    p /= xp.where(total > 0, total, 1)  # ... and attends to nothing: its output is 0
-    return counted_matmul(p, vg), p
+    s -= xp.where(xp.isfinite(row_max), row_max, 0)
+    xp.exp(s, out=s)
+    total = s.sum(axis=-1, keepdims=True)
+    s /= xp.where(total > 0, total, 1)
+
+
+def _softmax_backward_rows(ds, p, dp, scale) -> None:
+    """dS = P * (dP - rowsum(dP * P)) * scale on a block of rows (the softmax's backward)."""
+    xp.multiply(p, dp - (dp * p).sum(axis=-1, keepdims=True), out=ds)
+    ds *= xp.asarray(scale, dtype=ds.dtype)
 
 
 def _attend_backward(qg, kg, vg, p, go, scale, needs):
@@ -99,8 +116,9 @@ def _attend_backward(qg, kg, vg, p, go, scale, needs):
     dq = dk = None
     if need_q or need_k:
         dp = counted_matmul(go, xp.swapaxes(vg, -1, -2))
-        ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))
-        ds *= xp.asarray(scale, dtype=ds.dtype)
+        ds = xp.empty(dp.shape, dtype=xp.result_type(p, dp))
+        over_row_blocks(functools.partial(_softmax_backward_rows, scale=scale),
+                        *(a.reshape(-1, a.shape[-1]) for a in (ds, p, dp)))
         if need_q:
             dq = counted_matmul(ds, kg)
         if need_k:

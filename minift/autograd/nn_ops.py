@@ -6,14 +6,21 @@ math than a graph of ten primitive nodes. Each formula is checked against finite
 tests/autograd/test_gradcheck.py.
 
 Shapes: ``N`` rows, ``D`` features (the last axis), ``V`` vocabulary size.
+
+The ops a training step spends most non-matmul time in (RMSNorm, SwiGLU, RoPE, the fused head)
+compute through a ``_..._rows`` function that does one block of rows; ``over_row_blocks``
+(minift/autograd/parallel.py) runs it on all rows at once or on row blocks side by side, with
+the same bits either way. Reductions over rows (a norm's weight gradient) stay outside it.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 from minift.autograd.elementwise import ShapeError, counted_matmul
 from minift.autograd.function import Function, is_grad_enabled
+from minift.autograd.parallel import over_row_blocks
 from minift.backend import xp
 
 #: The target that cross-entropy leaves out of the loss (prompt tokens, padding): PyTorch's value.
@@ -233,9 +240,7 @@ class LinearTokenLogProbs(Function):
             for start in range(0, weight.shape[0], ctx.width):
                 w = xp.asarray(weight[start:start + ctx.width], dtype=h.dtype)
                 p = counted_matmul(h, w.T)
-                p -= lse[:, None]
-                xp.exp(p, out=p)
-                p *= -row_weight[:, None]
+                over_row_blocks(_head_probs_rows, p, lse, row_weight)
                 dw[start:start + w.shape[0]] = counted_matmul(p.T, h)
                 del p  # as in the forward: one chunk of probabilities at a time
             xp.add.at(dw, targets, row_weight[:, None] * h)  # + g_n h_n at each target word
@@ -262,18 +267,34 @@ def _online_logsumexp(h, weight, targets, width: int, want_expected: bool):
         z = counted_matmul(h, w.T)  # (N, chunk): this chunk's logits, the only ones alive
         here = (targets >= start) & (targets < start + w.shape[0])
         picked[here] = z[here, targets[here] - start]
-        new_max = xp.maximum(running_max, z.max(axis=1))
+        new_max, chunk_total = xp.empty_like(running_max), xp.empty_like(total)
+        over_row_blocks(_exp_shifted_rows, z, running_max, new_max, chunk_total)  # z: exp(z - m')
         rescale = xp.exp(running_max - new_max)  # 0 on the first chunk (exp(-inf))
-        z -= new_max[:, None]
-        e = xp.exp(z, out=z)
-        total = total * rescale + e.sum(axis=1)
+        total = total * rescale + chunk_total
         if want_expected:
             weighted *= rescale[:, None]
-            weighted += counted_matmul(e, w)
+            weighted += counted_matmul(z, w)
         running_max = new_max
-        del z, e  # free this chunk's logits before the next product allocates its own
+        del z  # free this chunk's logits before the next product allocates its own
     lse = running_max + xp.log(total)
     return lse, picked, (weighted / total[:, None] if want_expected else None)
+
+
+def _exp_shifted_rows(z, running_max, new_max, row_total) -> None:
+    """One chunk's step of the online softmax on a block of rows: the new running maximum
+    m' = max(m, max_v z_v), z turned in place into exp(z - m'), and its row sums."""
+    xp.maximum(running_max, z.max(axis=1), out=new_max)
+    z -= new_max[:, None]
+    xp.exp(z, out=z)
+    z.sum(axis=1, out=row_total)
+
+
+def _head_probs_rows(p, lse, row_weight) -> None:
+    """Logits p of a block of rows -> -g_n p_n in place, p_n = exp(z_n - logsumexp_n): the
+    softmax part of the trainable head's dW."""
+    p -= lse[:, None]
+    xp.exp(p, out=p)
+    p *= -row_weight[:, None]
 
 
 class RMSNorm(Function):
@@ -282,27 +303,51 @@ class RMSNorm(Function):
     With r = 1/rms(x), xh = x r and dxh = g w:
         dw = sum over rows of g * xh
         dx = r * (dxh - xh * mean(dxh * xh))
-    Saves: x and r (one number per row); xh is recomputed.
+    Saves: x and r (one number per row); xh is recomputed. y and dx are computed over row
+    blocks (``_rms_norm_rows``, ``_rms_norm_backward_rows``); dw, a sum over rows, is not.
     """
 
     @staticmethod
     def forward(ctx, x, weight, *, eps):
         if weight.shape != x.shape[-1:]:
             raise ShapeError(f"rms_norm: weight {weight.shape} does not fit input {x.shape}")
-        r = 1 / xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + eps)
+        y = xp.empty(x.shape, dtype=xp.result_type(x, weight))
+        r = xp.empty((*x.shape[:-1], 1), dtype=x.dtype)
+        over_row_blocks(functools.partial(_rms_norm_rows, weight=weight, eps=eps),
+                        _rows(y), _rows(r), _rows(x))
         ctx.save_for_backward(x, r, weight)
-        return x * r * weight
+        return y
 
     @staticmethod
     def backward(ctx, g):
         x, r, weight = ctx.saved
-        xh = x * r
-        dw = (g * xh).reshape(-1, x.shape[-1]).sum(axis=0) if ctx.needs_input_grad[1] else None
+        dw = (g * (x * r)).reshape(-1, x.shape[-1]).sum(axis=0) if ctx.needs_input_grad[1] else None
         dx = None
         if ctx.needs_input_grad[0]:
-            dxh = g * weight
-            dx = r * (dxh - xh * xp.mean(dxh * xh, axis=-1, keepdims=True))
+            dx = xp.empty(x.shape, dtype=xp.result_type(x, g, weight))
+            over_row_blocks(functools.partial(_rms_norm_backward_rows, weight=weight),
+                            _rows(dx), _rows(x), _rows(r), _rows(g))
         return dx, dw
+
+
+def _rows(a):
+    """(..., D) -> (rows, D), a 0-d array -> (1, 1): a view of a contiguous array (the ops'
+    outputs), a copy otherwise."""
+    return a.reshape(math.prod(a.shape[:-1]), a.shape[-1]) if a.ndim else a.reshape(1, 1)
+
+
+def _rms_norm_rows(y, r, x, *, weight, eps) -> None:
+    """RMSNorm's forward on a block of rows: r = 1 / rms(x), y = x r w."""
+    r[...] = 1 / xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + eps)
+    xp.multiply(x, r, out=y)
+    y *= weight
+
+
+def _rms_norm_backward_rows(dx, x, r, g, *, weight) -> None:
+    """RMSNorm's dx on a block of rows: r (dxh - xh mean(dxh xh)), xh = x r, dxh = g w."""
+    xh = x * r
+    dxh = g * weight
+    xp.multiply(r, dxh - xh * xp.mean(dxh * xh, axis=-1, keepdims=True), out=dx)
 
 
 class LayerNorm(Function):
@@ -366,7 +411,8 @@ class SwiGLU(Function):
     The same numbers as ``silu(gate) * up`` built from two ops (tests/autograd/test_gradcheck.py
     checks both), but that pair saves three (B, T, ffn) arrays — gate, silu(gate) and up — and
     makes two passes; this saves two and recomputes s in backward. In SmolLM2 at 4 x 128 tokens
-    that is 94 MB less memory per step. Saves: gate and up.
+    that is 94 MB less memory per step. Saves: gate and up. Both directions run over row blocks
+    (``_swiglu_rows``, ``_swiglu_backward_rows``).
     """
 
     @staticmethod
@@ -374,36 +420,47 @@ class SwiGLU(Function):
         if gate.shape != up.shape:
             raise ShapeError(f"swiglu: gate {gate.shape} and up {up.shape} must have the same shape")
         ctx.save_for_backward(gate, up)
-        y = xp.exp(-gate)
-        y += 1
-        xp.divide(gate, y, out=y)  # silu(gate) = gate / (1 + exp(-gate))
-        y *= up
+        y = xp.empty(gate.shape, dtype=gate.dtype)
+        over_row_blocks(_swiglu_rows, _rows(y), _rows(gate), _rows(up))
         return y
 
     @staticmethod
     def backward(ctx, g):
         gate, up = ctx.saved
-        # In place wherever the formula allows: at most three (B, T, ffn) arrays exist at once
-        # (s, silu, d_gate; d_up is silu scaled in place), the step's largest scratch when a
-        # checkpointed block is recomputed.
-        s = xp.negative(gate)
-        xp.exp(s, out=s)
-        s += 1
-        xp.reciprocal(s, out=s)  # sigmoid(gate)
-        silu = gate * s
-        d_gate = None
-        if ctx.needs_input_grad[0]:
-            d_gate = xp.subtract(1, silu, dtype=silu.dtype)  # d silu / d gate = s (1 + gate (1 - s))
-            d_gate *= s                                      #                 = s (1 - silu) + silu
-            d_gate += silu
-            d_gate *= up
-            d_gate *= g
-        del s
-        d_up = None
-        if ctx.needs_input_grad[1]:
-            silu *= g
-            d_up = silu
+        d_gate, d_up = (xp.empty(gate.shape, dtype=gate.dtype) if need else None
+                        for need in ctx.needs_input_grad[:2])
+        over_row_blocks(_swiglu_backward_rows, *(None if a is None else _rows(a) for a in (d_gate, d_up)),
+                        _rows(gate), _rows(up), _rows(g))
         return d_gate, d_up
+
+
+def _swiglu_rows(y, gate, up) -> None:
+    """y = silu(gate) * up = gate / (1 + exp(-gate)) * up on a block of rows, in place in y."""
+    xp.negative(gate, out=y)
+    xp.exp(y, out=y)
+    y += 1
+    xp.divide(gate, y, out=y)
+    y *= up
+
+
+def _swiglu_backward_rows(d_gate, d_up, gate, up, g) -> None:
+    """SwiGLU's gradients on a block of rows, into d_gate and d_up (None: not wanted). In place
+    wherever the formula allows: silu is built in d_up's rows and scaled last, so one scratch
+    array (s) of the block's size is all it adds, the step's largest when a checkpointed block
+    is recomputed."""
+    s = xp.negative(gate)
+    xp.exp(s, out=s)
+    s += 1
+    xp.reciprocal(s, out=s)  # sigmoid(gate)
+    silu = gate * s if d_up is None else xp.multiply(gate, s, out=d_up)
+    if d_gate is not None:
+        xp.subtract(1, silu, out=d_gate)  # d silu / d gate = s (1 + gate (1 - s))
+        d_gate *= s                       #                 = s (1 - silu) + silu
+        d_gate += silu
+        d_gate *= up
+        d_gate *= g
+    if d_up is not None:
+        d_up *= g
 
 
 _SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
@@ -513,6 +570,7 @@ class RoPE(Function):
     A rotation's inverse is its transpose, so  dx = g cos + rotate_half^T(g sin).
     ``cos`` and ``sin`` are (T, d) tables from ``rope_tables``, or (B, 1, T, d) when each row of
     the batch has its own positions (left-padded batches). Saves: cos and sin (constants).
+    Both directions run over blocks of the leading (batch) axis.
     """
 
     @staticmethod
@@ -520,12 +578,35 @@ class RoPE(Function):
         if cos.shape[-2:] != x.shape[-2:] or xp.broadcast_shapes(cos.shape, x.shape) != x.shape:
             raise ShapeError(f"rope: tables {cos.shape} do not fit (..., T, head_dim) = {x.shape}")
         ctx.save_for_backward(cos, sin)
-        return x * cos + rotate_half(x) * sin
+        return _rope_over_rows(_rope_rows, x, cos, sin)
 
     @staticmethod
     def backward(ctx, g):
         cos, sin = ctx.saved
-        return (g * cos + rotate_half_transposed(g * sin),)
+        return (_rope_over_rows(_rope_backward_rows, g, cos, sin),)
+
+
+def _rope_over_rows(rows_fn, x, cos, sin):
+    """``rows_fn(out, x, cos, sin)`` over blocks of x's leading axis -> out. Tables with one
+    row per batch row are split with x; tables that broadcast are passed whole to each block."""
+    out = xp.empty(x.shape, dtype=xp.result_type(x, cos, sin))
+    if cos.ndim < x.ndim or cos.shape[0] != x.shape[0]:
+        over_row_blocks(functools.partial(rows_fn, cos=cos, sin=sin), out, x)
+    else:
+        over_row_blocks(rows_fn, out, x, cos, sin)
+    return out
+
+
+def _rope_rows(y, x, cos, sin) -> None:
+    """y = x cos + rotate_half(x) sin on a block of rows."""
+    xp.multiply(x, cos, out=y)
+    y += rotate_half(x) * sin
+
+
+def _rope_backward_rows(dx, g, cos, sin) -> None:
+    """dx = g cos + rotate_half^T(g sin) on a block of rows."""
+    xp.multiply(g, cos, out=dx)
+    dx += rotate_half_transposed(g * sin)
 
 
 def rope_tables(positions, head_dim: int, theta: float = 10000.0, dtype="float32"):

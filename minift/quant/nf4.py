@@ -56,6 +56,7 @@ from statistics import NormalDist
 import numpy
 
 from minift.autograd.function import op_counts
+from minift.autograd.parallel import blas_threads
 from minift.backend import xp
 
 #: The 16 NF4 levels, exactly as bitsandbytes ships them (``get_4bit_type("nf4")``).
@@ -335,21 +336,6 @@ def _byte_pair_table(code_bytes: bytes) -> numpy.ndarray:
 #: and collect it. A matrix under twice this (SmolLM2's 576 x 576 projections) decodes on the
 #: calling thread alone.
 MIN_WEIGHTS_PER_THREAD = 1 << 18
-
-
-def blas_threads() -> int:
-    """The number of threads NumPy's BLAS multiplies matrices with: what ``minift --threads``
-    (``threadpoolctl.threadpool_limits``) sets, or the BLAS library's own default. The NF4
-    decoder uses as many, so one setting governs all of a QLoRA step's multi-threaded work.
-    threadpoolctl is imported here, on first use, so that ``import minift.quant`` loads NumPy alone."""
-    return max((lib.num_threads for lib in _blas_controllers()), default=1)
-
-
-@functools.cache
-def _blas_controllers() -> tuple:
-    from threadpoolctl import ThreadpoolController  # noqa: PLC0415 - lazy, see blas_threads
-
-    return tuple(ThreadpoolController().select(user_api="blas").lib_controllers)
 
 
 @functools.cache
