@@ -22,6 +22,7 @@ import math
 import numpy
 
 from minift.autograd.function import op_counts
+from minift.autograd.parallel import blas_threads
 from minift.cuda import emulator
 from minift.quant import nf4
 
@@ -62,7 +63,7 @@ def thread_count(n_weights: int, n_blocks: int, threads: int | None) -> int:
     """How many threads to split a decode over: ``threads`` (default the BLAS's, what ``minift
     --threads`` sets), but at least ``nf4.MIN_WEIGHTS_PER_THREAD`` weights each and whole blocks —
     the same rule as ``dequantize_nf4_by_byte``, so the two decoders are compared like for like."""
-    wanted = threads or nf4.blas_threads()
+    wanted = threads or blas_threads()
     return max(1, min(wanted, n_weights // nf4.MIN_WEIGHTS_PER_THREAD, n_blocks))
 
 

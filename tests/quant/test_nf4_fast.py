@@ -11,11 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from threadpoolctl import threadpool_limits
 
+from minift.autograd.parallel import blas_threads
 from minift.quant import nf4
 from minift.quant.nf4 import (
     BLOCKSIZES,
     DOUBLE_QUANT_BLOCKSIZE,
-    blas_threads,
     block_absmax,
     dequantize_nf4,
     dequantize_nf4_by_byte,
