@@ -66,6 +66,7 @@ from minift.training.pretrained import (
     load_pretrained,
     save_pretrained,
 )
+from minift.training.trainer import OPTIMIZERS
 
 
 def _system_prompt(args, tok):
@@ -78,7 +79,7 @@ def _train_config(args, out: Path) -> TrainConfig:
     return TrainConfig(max_steps=args.steps, lr=args.lr, schedule=args.schedule, warmup_ratio=args.warmup_ratio,
                        weight_decay=args.weight_decay, grad_accum_steps=args.grad_accum,
                        max_grad_norm=args.max_grad_norm, eval_every=args.eval_every,
-                       save_every=args.save_every, out_dir=str(out), seed=args.seed)
+                       save_every=args.save_every, out_dir=str(out), seed=args.seed, optimizer=args.optim)
 
 
 def _run(trainer: Trainer, args) -> None:
@@ -142,8 +143,8 @@ def cmd_finetune(args) -> None:
     model, description = prepare_model(model, args.method, options)
     print(description)
     _store_base(model, args.base_dtype)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    if args.gradient_checkpointing is not None:
+        model.gradient_checkpointing_enable(_checkpointed_blocks(args, model.config.n_layers))
     print(trainable_report(model))
     data = args.data or bundled_path("insurer_train.jsonl")
     dataset = InstructionDataset(data, tok, model.config.max_seq_len, system_prompt=system)
@@ -226,8 +227,8 @@ def cmd_dpo(args) -> None:
         model, description = prepare_model(model, args.method, options)
         print(description)
     _store_base(model, args.base_dtype)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    if args.gradient_checkpointing is not None:
+        model.gradient_checkpointing_enable(_checkpointed_blocks(args, model.config.n_layers))
     print(trainable_report(model))
     data, eval_data = args.data, args.eval_data
     if data is None:
@@ -445,20 +446,26 @@ def cmd_memory(args) -> None:
     if (args.params is None) == (args.model is None):
         raise ValueError("give either --params N (a projection) or --model DIR (predict and measure)")
     if args.params is not None:
-        if args.gradient_checkpointing or args.compare_checkpointing:
+        if args.gradient_checkpointing is not None or args.compare_checkpointing:
             raise ValueError("minift memory: --gradient-checkpointing and --compare-checkpointing measure a "
                              "--model; the --params projection already assumes checkpointing (drop the flag)")
         if args.base_dtype != "float32":
             raise ValueError("minift memory: --base-dtype measures a --model; the --params projection already "
                              "assumes bf16 weights (drop the flag)")
+        if args.optim != "adamw":
+            raise ValueError("minift memory: --optim measures a --model; the --params projection assumes "
+                             "AdamW with fp32 moments (drop the flag)")
         print(memory.format_projection(args.params, seq=args.seq or 2048, batch=args.batch))
         return
     model, _ = _load(args.model)
     shape = (model, args.method, args.batch, args.seq or 64, MethodOptions(lora_r=args.lora_r))
     if args.compare_checkpointing:
-        print(memory.compare_checkpointing(*shape, base_dtype=args.base_dtype))
+        print(memory.compare_checkpointing(*shape, base_dtype=args.base_dtype, optimizer=args.optim,
+                                           checkpointed_blocks=_checkpointed_blocks(args, model.config.n_layers)))
     else:
-        print(memory.ledger(*shape, checkpointing=args.gradient_checkpointing, base_dtype=args.base_dtype))
+        print(memory.ledger(*shape, checkpointing=args.gradient_checkpointing is not None, base_dtype=args.base_dtype,
+                            optimizer=args.optim,
+                            checkpointed_blocks=_checkpointed_blocks(args, model.config.n_layers)))
 
 
 def _add_training_flags(p) -> None:
@@ -475,6 +482,7 @@ def _add_training_flags(p) -> None:
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches whose gradients add up into one "
                    "step (effective batch = batch size x this)")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm to this")
+    _add_optim_flag(p)
     p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations on --eval-data "
                    "(0: never); they draw the eval line of curves.png")
     p.add_argument("--save-every", type=int, default=50, help="steps between checkpoints (one is always "
@@ -486,10 +494,39 @@ def _add_training_flags(p) -> None:
                    "(checkpoints, metrics, plots) and start again")
 
 
+def _add_optim_flag(p) -> None:
+    p.add_argument("--optim", default="adamw", choices=sorted(OPTIMIZERS), help="adamw8bit: AdamW with its two "
+                   "moments stored in 8 bits, 2 bytes per trained parameter instead of 8 (docs/training.md)")
+
+
 def _add_checkpointing_flag(p) -> None:
-    p.add_argument("--gradient-checkpointing", action="store_true", help="keep only each block's input in the "
-                   "forward and recompute the block in backward: far less activation memory for one extra "
-                   "forward per block (docs/training.md)")
+    p.add_argument("--gradient-checkpointing", nargs="?", const="all", type=_block_count, metavar="BLOCKS",
+                   help="keep only each block's input in the forward and recompute the block in backward: far "
+                   "less activation memory for one extra forward per block. Alone: every block; BLOCKS: only "
+                   "the bottom that many, less memory saved for less time lost (docs/training.md)")
+
+
+def _block_count(text: str) -> int | str:
+    """--gradient-checkpointing's value: "all" or a count of blocks (checked against the model
+    once it is loaded, ``_checkpointed_blocks``)."""
+    if text == "all":
+        return text
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a block count: give a whole number from 0 to the "
+                                         "model's number of blocks, or no value (or 'all') for every block")
+    return int(text)
+
+
+def _checkpointed_blocks(args, n_layers: int) -> int | None:
+    """--gradient-checkpointing's count as the model takes it: None for every block (and when
+    the flag is absent, which checkpoints nothing anyway)."""
+    blocks = args.gradient_checkpointing
+    if blocks is None or blocks == "all":
+        return None
+    if blocks > n_layers:
+        raise ValueError(f"--gradient-checkpointing {blocks}: the model has {n_layers} blocks; give a count "
+                         f"from 0 to {n_layers}, or no value for every block")
+    return blocks
 
 
 def _add_base_dtype_flag(p) -> None:
@@ -730,7 +767,9 @@ minift kernels check""", cmd_kernels)
 minift memory --params 7e9
 minift memory --model runs/tiny --method qlora --batch 4 --seq 64
 minift memory --model smollm2 --method lora --batch 2 --seq 64 --compare-checkpointing
-minift memory --model smollm2 --method lora --batch 2 --seq 64 --base-dtype bf16""", cmd_memory)
+minift memory --model smollm2 --method lora --batch 4 --seq 128 --compare-checkpointing --gradient-checkpointing 20
+minift memory --model smollm2 --method lora --batch 2 --seq 64 --base-dtype bf16
+minift memory --model smollm2 --method full --batch 4 --seq 128 --optim adamw8bit""", cmd_memory)
     p.add_argument("--params", type=float, help="project lecture 003's table to N parameters (e.g. 7e9)")
     p.add_argument("--model", help="predict and measure one training step of this model")
     p.add_argument("--method", default="lora", choices=LEDGER_METHODS, help="which weights train")
@@ -739,8 +778,10 @@ minift memory --model smollm2 --method lora --batch 2 --seq 64 --base-dtype bf16
     p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (lora, qlora)")
     _add_checkpointing_flag(p)
     p.add_argument("--compare-checkpointing", action="store_true", help="measure the step twice, without and "
-                   "with gradient checkpointing, and print both columns and their ratio")
+                   "with gradient checkpointing (every block, or the bottom N with --gradient-checkpointing N), "
+                   "and print both columns and their ratio")
     _add_base_dtype_flag(p)
+    _add_optim_flag(p)
     return parser
 
 

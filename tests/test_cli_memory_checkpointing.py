@@ -49,3 +49,48 @@ def test_the_checkpointed_ledger_is_the_comparisons_second_column(folder, capsys
 def test_the_projection_refuses_the_checkpointing_flags(capsys):
     assert main(["memory", "--params", "7e9", "--compare-checkpointing"]) == 1
     assert "already assumes checkpointing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["finetune", "--model", "m", "--out", "x"], ["dpo", "--model", "m", "--out", "x"],
+                                     ["memory"]])
+def test_the_flag_takes_an_optional_block_count(command):
+    """``--gradient-checkpointing [BLOCKS]``: absent = off, alone or "all" = every block, N = the bottom N."""
+    from minift.cli import _checkpointed_blocks, build_parser
+
+    parse = build_parser().parse_args
+    for flags, blocks in (([], None), (["--gradient-checkpointing"], None), (["--gradient-checkpointing", "all"], None),
+                          (["--gradient-checkpointing", "2"], 2), (["--gradient-checkpointing", "0"], 0)):
+        args = parse([*command, *flags])
+        assert (args.gradient_checkpointing is not None) == bool(flags)
+        assert _checkpointed_blocks(args, n_layers=3) == blocks
+
+
+@pytest.mark.parametrize("value", ["-1", "two", "1.5"])
+def test_a_value_that_is_no_block_count_is_refused_by_the_parser(value, capsys):
+    with pytest.raises(SystemExit):
+        main(["memory", "--model", "x", "--gradient-checkpointing", value])
+    assert f"{value!r} is not a block count" in capsys.readouterr().err
+
+
+def test_the_ledger_checkpoints_the_bottom_blocks_asked_for_and_refuses_too_many(folder, capsys):
+    assert main(["--threads", "1", "memory", "--model", str(folder), *SHAPE, "--gradient-checkpointing", "1"]) == 0
+    assert "gradient checkpointing of 1 blocks" in capsys.readouterr().out
+    assert main(["--threads", "1", "memory", "--model", str(folder), *SHAPE, "--gradient-checkpointing", "4"]) == 1
+    assert "--gradient-checkpointing 4: the model has 3 blocks; give a count from 0 to 3" in capsys.readouterr().err
+
+
+def test_compare_honours_the_block_count_and_the_optimizer(folder, capsys):
+    """``--compare-checkpointing`` with ``--gradient-checkpointing 1 --optim adamw8bit``: the second
+    column checkpoints one block of three, and both columns step the 8-bit optimizer."""
+    args = ["--threads", "1", "memory", "--model", str(folder), *SHAPE, "--compare-checkpointing"]
+    assert main(args) == 0
+    every_block = columns(capsys.readouterr().out)
+    assert main([*args, "--gradient-checkpointing", "1", "--optim", "adamw8bit"]) == 0
+    out = capsys.readouterr().out
+    assert "optimizer adamw8bit, the bottom 1 blocks checkpointed" in out
+    one_block = columns(out)
+    # checkpointed activations: one block recomputed keeps the other two blocks' activations
+    assert float(one_block["activations"][3]) > 1.5 * float(every_block["activations"][3])
+    assert one_block["activations"][0] == every_block["activations"][0]  # the plain column's prediction is unchanged
+    # LoRA's adapters are under 4,096 numbers each: they keep 32-bit moments, so the state matches
+    assert one_block["optimizer state"][0] == every_block["optimizer state"][0]

@@ -210,13 +210,22 @@ class LlamaModel(Module):
         self.embed_tokens = Embedding(config.vocab_size, config.dim, std=config.init_std, rng=rng)
         self.layers = ModuleList(LlamaBlock(config, rng) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.gradient_checkpointing = False
+        self.checkpointed_blocks = 0  # the bottom this many blocks recompute in backward
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Whether any block is checkpointed; setting it checkpoints every block or none."""
+        return self.checkpointed_blocks > 0
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, on: bool) -> None:
+        self.checkpointed_blocks = len(self.layers) if on else 0
 
     def forward(self, input_ids, cos, sin, cache=None, mask=None):
         x = self.embed_tokens(input_ids)  # (B, T, C)
-        recompute = self.gradient_checkpointing and cache is None and is_grad_enabled()
+        checkpointed = self.checkpointed_blocks if cache is None and is_grad_enabled() else 0
         for i, block in enumerate(self.layers):
-            if recompute:
+            if i < checkpointed:
                 x = checkpoint(lambda h, block=block, i=i: block(h, cos, sin, i, None, mask), x,
                                parameters=block.parameters())
             else:
@@ -342,15 +351,29 @@ class LlamaForCausalLM(Module):
             return F.cross_entropy(self.lm_head(h), labels)
         return F.linear_cross_entropy(h, self.head_weight, labels)
 
-    def gradient_checkpointing_enable(self) -> None:
+    def gradient_checkpointing_enable(self, blocks: int | None = None) -> None:
         """Keep only each block's input during a training forward and recompute the block in
         backward (minift/autograd/checkpointing.py): activation memory drops from every block's
         activations to one block's, for one extra forward per block. Generation (a KV cache, or
-        ``no_grad``) is unaffected. Transformers' name for the same switch."""
-        self.model.gradient_checkpointing = True
+        ``no_grad``) is unaffected. Transformers' name for the same switch.
+
+        ``blocks``: how many blocks, counted from the bottom (None: all of them). Between none
+        and all, memory and step time move linearly, one block's activations against one
+        block's forward. The bottom ones, not ones spread evenly, because backward reaches them
+        last: by the time it recomputes one, the blocks above have freed their activations, so
+        the recompute lands when the graph holds least. A block higher up would be recomputed
+        while the full activations of the plain blocks below it still exist. (Frozen bottom
+        blocks, ``freeze``/``last``, record nothing: checkpointing them saves nothing.)"""
+        n_layers = len(self.model.layers)
+        if blocks is None:
+            blocks = n_layers
+        if isinstance(blocks, bool) or not isinstance(blocks, int) or not 0 <= blocks <= n_layers:
+            raise ValueError(f"gradient_checkpointing_enable(blocks={blocks!r}) (minift/models/llama.py): the "
+                             f"model has {n_layers} blocks; pass a count in 0..{n_layers}, or None for all")
+        self.model.checkpointed_blocks = blocks
 
     def gradient_checkpointing_disable(self) -> None:
-        self.model.gradient_checkpointing = False
+        self.model.checkpointed_blocks = 0
 
     def generate(self, input_ids, max_new_tokens: int, **sampling):
         """Continue each row of ``input_ids``; see ``minift.models.generate.generate``."""

@@ -95,9 +95,10 @@ class PeftModel(Module):
     def dtype(self):
         return self.model.dtype
 
-    def gradient_checkpointing_enable(self) -> None:
-        """Checkpoint the wrapped model's blocks; the adapters inside them are recomputed too."""
-        self.model.gradient_checkpointing_enable()
+    def gradient_checkpointing_enable(self, blocks: int | None = None) -> None:
+        """Checkpoint the wrapped model's bottom ``blocks`` blocks (None: all); the adapters
+        inside them are recomputed too."""
+        self.model.gradient_checkpointing_enable(blocks)
 
     def gradient_checkpointing_disable(self) -> None:
         self.model.gradient_checkpointing_disable()

@@ -117,24 +117,31 @@ def normal_float_codebook(offset: float = NF4_QUANTILE_OFFSET, float32_grid: boo
     return (levels / levels.max()).astype(numpy.float32)
 
 
-def create_dynamic_map() -> numpy.ndarray:
-    """bitsandbytes' signed 8-bit dynamic map (Dettmers 2016), the code of the absmax values.
+def create_dynamic_map(signed: bool = True) -> numpy.ndarray:
+    """bitsandbytes' 8-bit dynamic map (Dettmers 2016): the code of the absmax values, and of
+    8-bit AdamW's moments (``minift/optim/adamw8bit.py``).
 
     A dynamic-exponent format: for e = 0..6, 2^e values spread linearly over [0.1, 1] * 10^(e-6)
     (bin centres of a float32 linspace), each with both signs; plus 0 and 1 — 256 sorted levels.
     Small magnitudes get many levels, large ones few: the relative error stays small at every
     scale, which suits numbers like absmax - mean that may be tiny or large.
+
+    ``signed=False`` is the map for numbers that are never negative (Adam's second moment): the
+    sign bit goes to the fraction, so each decade gets twice the levels, 2^(e+1), all positive —
+    bitsandbytes' ``create_dynamic_map(signed=False)``, the same 256 levels on [0, 1].
     """
     levels = [numpy.float32([0.0, 1.0])]
     for e in range(7):
-        edges = linspace_float32(0.1, 1.0, 2**e + 1)
+        edges = linspace_float32(0.1, 1.0, 2 ** (e if signed else e + 1) + 1)
         centres = numpy.float32(10.0 ** (e - 6)) * ((edges[:-1] + edges[1:]) / numpy.float32(2))
-        levels += [centres, -centres]
+        levels += [centres, -centres] if signed else [centres]
     return numpy.sort(numpy.concatenate(levels)).astype(numpy.float32)
 
 
 #: The code of double-quantized absmax values (bitsandbytes' ``create_dynamic_map()``).
 DYNAMIC_CODE = create_dynamic_map()
+#: The unsigned dynamic map (bitsandbytes' ``create_dynamic_map(signed=False)``): 8-bit AdamW's ``v``.
+DYNAMIC_CODE_UNSIGNED = create_dynamic_map(signed=False)
 
 
 # ---- the state --------------------------------------------------------------------------------

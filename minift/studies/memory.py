@@ -14,7 +14,8 @@ The rows (bytes):
                   quantization state (absmax codes, absmax2, offset: 0.127 bit per weight);
                   with a 16-bit base (``BASE_16BIT``) the frozen Linear weights and embedding at 2 B
     gradients     4 B per *trainable* parameter — frozen ones get none (docs/design.md, principle 2)
-    optimizer     AdamW's m and v: 8 B per trainable parameter
+    optimizer     AdamW's m and v: 8 B per trainable parameter; with ``optimizer="adamw8bit"``
+                  2 B of codes + 8 B of absmax per 256 (``state_nbytes_8bit``), 8 B below 4096 values
     activations   what the autograd graph keeps from the forward pass for the backward pass:
                   the arrays the recorded ops save (per token and block, below), including the
                   attention probabilities (H x T per token per block)
@@ -24,6 +25,8 @@ The rows (bytes):
 With gradient checkpointing (``model.gradient_checkpointing_enable()``) the graph keeps only each
 trained block's input until backward; the block being recomputed holds its own activations on
 top of those, one block at a time, so they count in the peak (with the gradients that exist by then).
+``gradient_checkpointing_enable(blocks=n)`` checkpoints only the bottom n blocks: the others keep
+their activations, and backward frees them before it recomputes the first checkpointed block.
 
 LoRA keeps fewer activations than full fine-tuning (a frozen linear layer saves no input: its
 backward needs only W), and needs far less memory besides: no gradients and no optimizer state
@@ -48,6 +51,8 @@ from minift.data import DataLoader
 from minift.models import ATTENTION_PROJECTIONS, BLOCK_PROJECTIONS, LlamaConfig
 from minift.nn import Linear4bit, Module, cast_frozen
 from minift.nn import base_dtype as storage_type
+from minift.optim import state_nbytes_8bit
+from minift.optim.adamw8bit import CHUNK_VALUES, SCRATCH_BYTES_PER_VALUE, build_bucket_tables
 from minift.quant.nf4 import DOUBLE_QUANT_BLOCKSIZE, dynamic_lut
 from minift.training import TrainConfig, Trainer, causal_lm_loss
 from minift.training.methods import MethodOptions, prepare_model
@@ -71,6 +76,7 @@ class Precision:
     moments: int = 8  # AdamW's m and v
     activation: int = 4
     checkpointing: bool = False  # keep only each block's input; recompute one block in backward
+    checkpointed_blocks: int | None = None  # with checkpointing: the bottom this many (None: every block)
 
 
 MINIFT = Precision()
@@ -82,10 +88,12 @@ MIXED = Precision(weight=2, frozen_linear=2, frozen_embedding=2, grad=2, master=
 BASE_16BIT = Precision(frozen_linear=2, frozen_embedding=2)
 
 
-def minift_precision(base_dtype: str = "float32", checkpointing: bool = False) -> Precision:
+def minift_precision(base_dtype: str = "float32", checkpointing: bool = False,
+                     checkpointed_blocks: int | None = None) -> Precision:
     """minift's precision for one measured step: float32 throughout (``MINIFT``), or with the
     frozen base in 16 bits (``BASE_16BIT``) for ``base_dtype`` "bf16" or "f16" (both 2 bytes)."""
-    return replace(MINIFT if base_dtype == "float32" else BASE_16BIT, checkpointing=checkpointing)
+    return replace(MINIFT if base_dtype == "float32" else BASE_16BIT, checkpointing=checkpointing,
+                   checkpointed_blocks=checkpointed_blocks)
 
 
 # ---- counting parameters -------------------------------------------------------------------
@@ -135,6 +143,29 @@ def trainable_count(c: LlamaConfig, method: str, o: MethodOptions) -> int:
     blocks = c.n_layers - _frozen_blocks(c, method, o)
     head = 0 if c.tie_embeddings or method == "last" else c.vocab_size * c.dim  # an untied head
     return blocks * per_block + c.dim + head  # + the final norm
+
+
+def trainable_sizes(c: LlamaConfig, method: str, o: MethodOptions) -> list[int]:
+    """Values of each trainable tensor under ``method`` (they add up to ``trainable_count``):
+    8-bit AdamW's state depends on each tensor's size, not only on their total."""
+    shapes = projection_shapes(c)
+    if method in ("lora", "qlora"):
+        return c.n_layers * [n for t in o.lora_targets for n in (o.lora_r * shapes[t][1], shapes[t][0] * o.lora_r)]
+    biases = ([shapes[n][0] for n in ATTENTION_PROJECTIONS if c.attention_bias]
+              + [shapes[n][0] for n in MLP if c.mlp_bias])
+    block = [o_ * i for o_, i in shapes.values()] + biases + [c.dim, c.dim]
+    head = [c.vocab_size * c.dim] if not c.tie_embeddings and method != "last" else []
+    embedding = [c.vocab_size * c.dim] if method == "full" else []
+    return (c.n_layers - _frozen_blocks(c, method, o)) * block + embedding + head + [c.dim]
+
+
+def optimizer_state_bytes(c: LlamaConfig, method: str, o: MethodOptions, p: Precision = MINIFT,
+                          optimizer: str = "adamw") -> int:
+    """The optimizer's bytes: ``p.master + p.moments`` per trainable parameter for AdamW; for
+    ``adamw8bit`` the moments of each tensor as ``AdamW8bit`` stores them."""
+    if optimizer == "adamw":
+        return (p.master + p.moments) * trainable_count(c, method, o)
+    return sum(p.master * n + state_nbytes_8bit(n) for n in trainable_sizes(c, method, o))
 
 
 # ---- the rows --------------------------------------------------------------------------------
@@ -214,15 +245,36 @@ def block_activation_elements(c: LlamaConfig, seq: int, trained: tuple[str, ...]
 def activation_bytes(c: LlamaConfig, method: str, o: MethodOptions, batch: int, seq: int,
                      p: Precision = MINIFT) -> int:
     """Bytes the graph holds at the end of the forward pass (the loss computed); with
-    checkpointing, each recorded block keeps only its input (``recompute_bytes`` is the rest)."""
-    recorded = c.n_layers - _frozen_blocks(c, method, o)
-    blocks = recorded * (c.dim if p.checkpointing else _block_elements(c, method, o, seq))
+    checkpointing, each checkpointed block keeps only its input (``recompute_bytes`` is the
+    rest), each plain one all its activations (``plain_block_bytes``)."""
+    inputs = checkpointed_recorded_blocks(c, method, o, p) * c.dim
     # The head runs fused with the loss (F.linear_cross_entropy): no logits or probabilities are
     # kept, only dloss/dh (C), plus h and the logsumexp (C + 1) when the head's weight trains.
     head_trains = c.dim + 1 if method == "full" else 0
     head = c.dim + 1 + c.dim + head_trains  # final norm (input, 1/rms), dloss/dh, (h, logsumexp)
     rope = 2 * seq * c.head_dim  # cos and sin tables, shared by the layers
-    return p.activation * (batch * seq * (blocks + head) + rope)
+    return p.activation * (batch * seq * (inputs + head) + rope) + plain_block_bytes(c, method, o, batch, seq, p)
+
+
+def checkpointed_recorded_blocks(c: LlamaConfig, method: str, o: MethodOptions, p: Precision = MINIFT) -> int:
+    """The recorded blocks that checkpointing covers. The model checkpoints the bottom
+    ``p.checkpointed_blocks`` (minift/models/llama.py says why the bottom); the frozen bottom
+    blocks of freeze and last record nothing either way, so they do not count."""
+    if not p.checkpointing:
+        return 0
+    n = c.n_layers if p.checkpointed_blocks is None else p.checkpointed_blocks
+    if not 0 <= n <= c.n_layers:
+        raise ValueError(f"Precision.checkpointed_blocks={n} (minift/studies/memory.py): the model has "
+                         f"{c.n_layers} blocks; pass a count in 0..{c.n_layers}, or None for all")
+    return max(0, n - _frozen_blocks(c, method, o))
+
+
+def plain_block_bytes(c: LlamaConfig, method: str, o: MethodOptions, batch: int, seq: int,
+                      p: Precision = MINIFT) -> int:
+    """The activations of the recorded blocks that are not checkpointed. They sit above the
+    checkpointed ones, so backward has freed them before it recomputes any block."""
+    plain = c.n_layers - _frozen_blocks(c, method, o) - checkpointed_recorded_blocks(c, method, o, p)
+    return p.activation * batch * seq * plain * _block_elements(c, method, o, seq)
 
 
 def _block_elements(c: LlamaConfig, method: str, o: MethodOptions, seq: int) -> int:
@@ -234,7 +286,7 @@ def recompute_bytes(c: LlamaConfig, method: str, o: MethodOptions, batch: int, s
                     p: Precision = MINIFT) -> int:
     """With checkpointing, the activations of the one block that backward is recomputing: they
     exist only while its local backward runs, so they count in the peak, not in ``activations``."""
-    if not p.checkpointing or c.n_layers == _frozen_blocks(c, method, o):
+    if checkpointed_recorded_blocks(c, method, o, p) == 0:
         return 0
     return p.activation * batch * seq * _block_elements(c, method, o, seq)
 
@@ -254,43 +306,53 @@ def largest_temporary(c: LlamaConfig, method: str, batch: int, seq: int, p: Prec
     return scratch
 
 
-def update_temporary(c: LlamaConfig, method: str, o: MethodOptions) -> int:
+def update_temporary(c: LlamaConfig, method: str, o: MethodOptions, optimizer: str = "adamw") -> int:
     """The AdamW update and gradient clipping allocate about two arrays the size of the largest
-    trainable parameter (fp32) while all the gradients exist."""
+    trainable parameter (fp32) while all the gradients exist. 8-bit AdamW's own scratch is
+    ``SCRATCH_BYTES_PER_VALUE`` for each value of one chunk, but the two arrays stay (measured on
+    SmolLM2 with 8-bit AdamW: 1.9 embedding-sized arrays above the gradients); they are not
+    the optimizer's: clipping, for one, replaces each gradient by a scaled copy."""
     shapes = projection_shapes(c)
     if method in ("lora", "qlora"):
         largest = max(o.lora_r * max(shapes[t]) for t in o.lora_targets)
     else:
         largest = max(*(a * b for a, b in shapes.values()), c.vocab_size * c.dim if method == "full" else 0)
-    return 2 * 4 * largest
+    chunk_scratch = SCRATCH_BYTES_PER_VALUE * min(largest, CHUNK_VALUES) if optimizer == "adamw8bit" else 0
+    return 2 * 4 * largest + chunk_scratch
 
 
 def predict(c: LlamaConfig, method: str, batch: int, seq: int, options: MethodOptions | None = None,
-            precision: Precision = MINIFT) -> dict[str, int]:
-    """Every row of the ledger, in bytes, from the config, the method and the batch shape."""
+            precision: Precision = MINIFT, optimizer: str = "adamw") -> dict[str, int]:
+    """Every row of the ledger, in bytes, from the config, the method, the batch shape and the
+    optimizer (``TrainConfig.optimizer``)."""
     if method not in LEDGER_METHODS:
         raise ValueError(f"the memory ledger predicts methods {LEDGER_METHODS}, not {method!r}")
     o, p = options or MethodOptions(), precision
     rows = weight_bytes(c, method, o, p)
     trainable = trainable_count(c, method, o)
     rows["gradients"] = p.grad * trainable
-    rows["optimizer state"] = (p.master + p.moments) * trainable
+    rows["optimizer state"] = optimizer_state_bytes(c, method, o, p, optimizer)
     rows["activations"] = activation_bytes(c, method, o, batch, seq, p)
-    rows["peak"] = _peak(rows, largest_temporary(c, method, batch, seq, p), update_temporary(c, method, o),
-                         recompute_bytes(c, method, o, batch, seq, p))
+    rows["peak"] = _peak(rows, largest_temporary(c, method, batch, seq, p), update_temporary(c, method, o, optimizer),
+                         recompute_bytes(c, method, o, batch, seq, p), plain_block_bytes(c, method, o, batch, seq, p))
     return rows
 
 
-def _peak(rows: dict[str, int], activation_scratch: int, update_scratch: int, recompute: int = 0) -> int:
+def _peak(rows: dict[str, int], activation_scratch: int, update_scratch: int, recompute: int = 0,
+          plain_blocks: int = 0) -> int:
     """Weights and optimizer state live throughout; on top, either the forward/backward (saved
     activations plus one op's scratch) or the update (all gradients plus its scratch).
 
     With checkpointing (``recompute`` > 0: one block's activations) the backward's memory no
     longer shrinks as it goes while the gradients grow: the first block is recomputed when
     nearly every gradient exists already, so the backward holds the larger of the kept inputs
-    and the gradients, plus one block and one op's scratch."""
+    and the gradients, plus one block and one op's scratch. With only the bottom blocks
+    checkpointed, backward first walks the plain blocks above them, holding at most the
+    forward's activations, and recomputes only after their ``plain_blocks`` bytes are freed."""
     stored = sum(rows[r] for r in ROWS[:3]) + rows["optimizer state"]
-    backward = max(rows["activations"], rows["gradients"]) + recompute if recompute else rows["activations"]
+    backward = rows["activations"]
+    if recompute:
+        backward = max(backward, max(rows["activations"] - plain_blocks, rows["gradients"]) + recompute)
     return stored + max(backward + activation_scratch, rows["gradients"] + update_scratch)
 
 
@@ -303,7 +365,8 @@ def _token_batches(c: LlamaConfig, batch: int, seq: int, seed: int) -> DataLoade
 
 
 def measure(model: Module, method: str, batch: int, seq: int, options: MethodOptions | None = None,
-            seed: int = 0, checkpointing: bool = False, base_dtype: str = "float32") -> dict[str, int]:
+            seed: int = 0, checkpointing: bool = False, base_dtype: str = "float32",
+            optimizer: str = "adamw", checkpointed_blocks: int | None = None) -> dict[str, int]:
     """The ledger's rows read from ``tracemalloc`` during real ``Trainer`` steps on random tokens.
 
     A copy of ``model`` is prepared for ``method`` under tracing (weights = what that allocates),
@@ -317,6 +380,7 @@ def measure(model: Module, method: str, batch: int, seq: int, options: MethodOpt
     c, o = model.config, options or MethodOptions()
     loader = _token_batches(c, batch, seq, seed)
     dynamic_lut()  # a shared table built once per process: not part of any model
+    build_bucket_tables()  # likewise, 8-bit AdamW's
     storage_type(base_dtype)  # bf16's first use imports ml_dtypes, megabytes of modules: not part of a model
     seen: dict[str, int] = {}
 
@@ -336,9 +400,9 @@ def measure(model: Module, method: str, batch: int, seq: int, options: MethodOpt
         cast_frozen(prepared, base_dtype)
         weights = current() - start
         if checkpointing:
-            prepared.gradient_checkpointing_enable()
-        trainer = Trainer(prepared, TrainConfig(max_steps=2, progress=False, plot=False, warmup_ratio=0.0),
-                          loader, loss_fn=loss_fn)
+            prepared.gradient_checkpointing_enable(checkpointed_blocks)
+        trainer = Trainer(prepared, TrainConfig(max_steps=2, progress=False, plot=False, warmup_ratio=0.0,
+                                                optimizer=optimizer), loader, loss_fn=loss_fn)
         step = trainer.optimizer.step
 
         def watched_step():
@@ -389,6 +453,8 @@ class Ledger:
     measured: dict[str, int]
     checkpointing: bool = False
     base_dtype: str = "float32"
+    optimizer: str = "adamw"
+    checkpointed_blocks: int | None = None  # with checkpointing: the bottom this many (None: all)
 
     def error(self, row: str) -> float:
         """(predicted - measured) / measured."""
@@ -401,8 +467,10 @@ class Ledger:
                                         else abs(self.error(row)) >= tolerance)]
 
     def __str__(self) -> str:
-        recompute = ", gradient checkpointing" if self.checkpointing else ""
+        some = "" if self.checkpointed_blocks is None else f" of {self.checkpointed_blocks} blocks"
+        recompute = f", gradient checkpointing{some}" if self.checkpointing else ""
         base = "" if self.base_dtype == "float32" else f", frozen base in {self.base_dtype}"
+        base += "" if self.optimizer == "adamw" else f", optimizer {self.optimizer}"
         lines = [f"memory ledger: method {self.method}{recompute}{base}, batch {self.batch} x {self.seq} tokens (MiB)",
                  f"{'':<20}{'predicted':>10}{'measured':>10}{'diff':>8}"]
         for row in ROWS:
@@ -413,12 +481,17 @@ class Ledger:
 
 
 def ledger(model: Module, method: str, batch: int, seq: int, options: MethodOptions | None = None,
-           checkpointing: bool = False, base_dtype: str = "float32") -> Ledger:
+           checkpointing: bool = False, base_dtype: str = "float32", optimizer: str = "adamw",
+           checkpointed_blocks: int | None = None) -> Ledger:
     """Predict and measure the memory of one training step of ``model`` with ``method``
-    (``base_dtype``: the frozen base's storage, as ``minift finetune --base-dtype``)."""
-    predicted = predict(model.config, method, batch, seq, options, minift_precision(base_dtype, checkpointing))
-    measured = measure(model, method, batch, seq, options, checkpointing=checkpointing, base_dtype=base_dtype)
-    return Ledger(method, batch, seq, predicted, measured, checkpointing, base_dtype)
+    (``base_dtype``: the frozen base's storage, as ``minift finetune --base-dtype``; ``optimizer``:
+    ``TrainConfig.optimizer``, as ``--optim``; ``checkpointed_blocks``: with ``checkpointing``, how
+    many bottom blocks, None for all, as ``--gradient-checkpointing N``)."""
+    precision = minift_precision(base_dtype, checkpointing, checkpointed_blocks)
+    predicted = predict(model.config, method, batch, seq, options, precision, optimizer)
+    measured = measure(model, method, batch, seq, options, checkpointing=checkpointing, base_dtype=base_dtype,
+                       optimizer=optimizer, checkpointed_blocks=checkpointed_blocks)
+    return Ledger(method, batch, seq, predicted, measured, checkpointing, base_dtype, optimizer, checkpointed_blocks)
 
 
 @dataclass
@@ -436,6 +509,9 @@ class CheckpointingComparison:
     def __str__(self) -> str:
         p = self.plain
         base = "" if p.base_dtype == "float32" else f", frozen base in {p.base_dtype}"
+        base += "" if p.optimizer == "adamw" else f", optimizer {p.optimizer}"
+        blocks = self.checkpointed.checkpointed_blocks
+        base += "" if blocks is None else f", the bottom {blocks} blocks checkpointed"
         lines = [f"memory ledger: method {p.method}{base}, batch {p.batch} x {p.seq} tokens, without and with "
                  "gradient checkpointing (MiB)",
                  f"{'':<20}{'plain':>20}{'checkpointed':>20}{'measured':>10}",
@@ -448,10 +524,13 @@ class CheckpointingComparison:
 
 
 def compare_checkpointing(model: Module, method: str, batch: int, seq: int, options: MethodOptions | None = None,
-                          base_dtype: str = "float32") -> CheckpointingComparison:
-    """``ledger`` of one step of ``model`` with ``method``, without and then with checkpointing."""
-    return CheckpointingComparison(ledger(model, method, batch, seq, options, False, base_dtype),
-                                   ledger(model, method, batch, seq, options, True, base_dtype))
+                          base_dtype: str = "float32", optimizer: str = "adamw",
+                          checkpointed_blocks: int | None = None) -> CheckpointingComparison:
+    """``ledger`` of one step of ``model`` with ``method``, without and then with checkpointing
+    (of the bottom ``checkpointed_blocks`` blocks; None: all)."""
+    return CheckpointingComparison(ledger(model, method, batch, seq, options, False, base_dtype, optimizer),
+                                   ledger(model, method, batch, seq, options, True, base_dtype, optimizer,
+                                          checkpointed_blocks))
 
 
 # ---- lecture 003's table at scale ----------------------------------------------------------------

@@ -40,7 +40,7 @@ from minift.autograd import no_grad
 from minift.backend import xp
 from minift.data.packing import PACKED_KEYS
 from minift.io import atomic_write_bytes
-from minift.optim import AdamW, clip_grad_norm_, get_scheduler, weight_decay_groups
+from minift.optim import AdamW, AdamW8bit, clip_grad_norm_, get_scheduler, weight_decay_groups
 from minift.training.checkpoint import (
     CheckpointError,
     checkpoint_folders,
@@ -72,6 +72,10 @@ class TrainingInterrupted(Exception):
         super().__init__(f"interrupted at step {step}; {kept}")
 
 
+#: ``TrainConfig.optimizer`` -> the class the Trainer builds; both take AdamW's hyper-parameters.
+OPTIMIZERS = {"adamw": AdamW, "adamw8bit": AdamW8bit}
+
+
 @dataclass
 class TrainConfig:
     """Hyper-parameters of a run. Lecture 000's typical values: AdamW, lr 1e-5..5e-5 for full
@@ -95,10 +99,13 @@ class TrainConfig:
     progress: bool = True
     plot: bool = True
     keep_last: int = 1  # good checkpoints kept, plus the newest until a finite loss vouches for it
+    optimizer: str = "adamw"  # or "adamw8bit": the moments in 8 bits (OPTIMIZERS, docs/training.md)
 
     def __post_init__(self):
         if self.max_steps <= 0 or self.grad_accum_steps <= 0:
             raise ValueError("max_steps and grad_accum_steps must be positive")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"TrainConfig.optimizer is {self.optimizer!r}; choose one of {sorted(OPTIMIZERS)}")
         if self.keep_last < 1:
             raise ValueError(f"keep_last must be at least 1, got {self.keep_last}")
         if self.lr <= 0:
@@ -161,8 +168,9 @@ class Trainer:
         if not named:
             raise TrainingError("the model has no trainable parameter: everything is frozen")
         self.params = [p for _, p in named]
-        self.optimizer = AdamW(weight_decay_groups(named, config.weight_decay), lr=config.lr,
-                               betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
+        optimizer = OPTIMIZERS[config.optimizer]
+        self.optimizer = optimizer(weight_decay_groups(named, config.weight_decay), lr=config.lr,
+                                   betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
         self.scheduler = get_scheduler(config.schedule, self.optimizer, num_warmup_steps=config.warmup_steps,
                                        num_training_steps=config.max_steps, warmup_ratio=config.warmup_ratio)
         self.step = 0
@@ -392,6 +400,11 @@ class Trainer:
             raise TrainingError(f"{folder / 'state.json'} lacks {sorted(missing)}: not a checkpoint of this "
                                 f"Trainer; write the name of an older step-* folder in {self.out_dir / 'latest'}, "
                                 f"or delete it to start over")
+        saved_optimizer = state.get("config", {}).get("optimizer", "adamw")
+        if saved_optimizer != self.config.optimizer:
+            raise TrainingError(f"checkpoint {folder} was trained with optimizer {saved_optimizer!r}, this run "
+                                f"uses {self.config.optimizer!r}: resume with --optim {saved_optimizer}, or start "
+                                f"over with --overwrite")
         self.model.load_state_dict(trainable, strict=False)
         own = {n for n, _ in self.model.named_parameters(trainable_only=True)}
         if set(trainable) != own:

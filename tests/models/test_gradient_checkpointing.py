@@ -9,6 +9,7 @@ import pytest
 
 import minift.autograd.functional as F
 from minift.autograd import no_grad, op_counts
+from minift.autograd.checkpointing import Checkpoint
 from minift.backend import to_numpy
 from minift.models import KVCache, LlamaConfig, LlamaForCausalLM
 from minift.peft import LoraConfig, get_peft_model
@@ -137,3 +138,39 @@ def test_a_training_step_peaks_lower_with_checkpointing():
     peak(False)  # the first step allocates the gradients; measure the second of each
     plain, checkpointed = peak(False), peak(True)
     assert checkpointed < 0.8 * plain, (checkpointed, plain)
+
+
+@pytest.mark.parametrize("blocks", [0, 1, SMALL["n_layers"] - 1])
+@pytest.mark.parametrize("make", [small_model, lora_model], ids=["full", "lora"])
+def test_checkpointing_some_blocks_gives_the_plain_gradients(make, blocks, monkeypatch):
+    """``gradient_checkpointing_enable(blocks=n)``: n blocks recompute, the rest record, and the
+    gradients are the plain run's."""
+    model = make()
+    plain = step_gradients(model, False)
+    recomputed = []
+    backward = Checkpoint.backward
+    monkeypatch.setattr(Checkpoint, "backward", staticmethod(lambda ctx, g: recomputed.append(1) or backward(ctx, g)))
+    model.gradient_checkpointing_enable(blocks)
+    model.zero_grad()
+    F.cross_entropy(model(IDS), IDS).backward()
+    assert len(recomputed) == blocks
+    checkpointed = {name: to_numpy(p.grad) for name, p in model.named_parameters() if p.requires_grad}
+    assert_same_gradients(plain, checkpointed, atol=1e-12)
+
+
+@pytest.mark.parametrize("blocks", [-1, SMALL["n_layers"] + 1, True, 1.5])
+def test_a_block_count_outside_the_model_is_refused(blocks):
+    model = lora_model()
+    with pytest.raises(ValueError, match=r"pass a count in 0\.\.3, or None for all"):
+        model.gradient_checkpointing_enable(blocks)
+
+
+def test_the_switch_reads_as_any_block_checkpointed():
+    model = small_model()
+    assert not model.model.gradient_checkpointing
+    model.gradient_checkpointing_enable(1)
+    assert model.model.gradient_checkpointing and model.model.checkpointed_blocks == 1
+    model.gradient_checkpointing_enable()
+    assert model.model.checkpointed_blocks == SMALL["n_layers"]
+    model.model.gradient_checkpointing = False
+    assert model.model.checkpointed_blocks == 0
