@@ -78,7 +78,7 @@ def over_row_blocks(fn, *arrays, threads: int | None = None) -> None:
     its block. Arguments that are not split (a norm's weight, a broadcast table) are bound with
     ``functools.partial``."""
     first = next(a for a in arrays if a is not None)
-    if not isinstance(first, numpy.ndarray):
+    if not isinstance(first, numpy.ndarray) or first.ndim == 0:  # a device array, or a scalar: no rows
         fn(*arrays)
         return
     blocks = row_blocks(first.shape[0], first.size, threads)

@@ -7,9 +7,11 @@ the "W" — decoupled weight decay — is Loshchilov & Hutter (2019).
 
 from __future__ import annotations
 
+import functools
 import math
 
 from minift.autograd import Tensor
+from minift.autograd.parallel import over_row_blocks
 from minift.backend import xp
 from minift.optim.optimizer import Optimizer
 
@@ -70,23 +72,44 @@ class AdamW(Optimizer):
         return state
 
     def _update(self, p: Tensor, group: dict) -> None:
-        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         state = self.state.get(p)
         if state is None:
             state = self.state[p] = self._new_state(p, group["amsgrad"])
         state["step"] += 1
-        t, g, m, v = state["step"], p.grad, state["exp_avg"], state["exp_avg_sq"]
+        step = functools.partial(adamw_arithmetic, t=state["step"], lr=group["lr"], betas=group["betas"],
+                                 eps=group["eps"], weight_decay=group["weight_decay"])
+        # One scratch array holds every intermediate; the rows are updated on the BLAS threads
+        # (elementwise arithmetic: the same bits as one call, minift/autograd/parallel.py).
+        over_row_blocks(step, p.data, p.grad, state["exp_avg"], state["exp_avg_sq"], xp.empty_like(p.data),
+                        state.get("max_exp_avg_sq"))
 
-        if wd != 0:
-            p.data *= 1 - lr * wd
-        m *= beta1
-        m += (1 - beta1) * g
-        v *= beta2
-        v += (1 - beta2) * (g * g)
-        if group["amsgrad"]:
-            xp.maximum(state["max_exp_avg_sq"], v, out=state["max_exp_avg_sq"])
-            v = state["max_exp_avg_sq"]
-        # m_hat / (sqrt(v_hat) + eps), with the two corrections folded into scalars
-        step_size = lr / (1 - beta1**t)
-        denom = xp.sqrt(v) / math.sqrt(1 - beta2**t) + eps
-        p.data -= step_size * (m / denom)
+
+def adamw_arithmetic(w, g, m, v, scratch, max_v=None, *, t: int, lr: float, betas: tuple[float, float],
+                     eps: float, weight_decay: float) -> None:
+    """AdamW's step ``t`` (the class docstring's equations), in place on matching slices of a
+    weight ``w``, its gradient ``g`` and moments ``m``, ``v`` (and, with amsgrad, ``max_v``).
+
+    Every intermediate goes through ``scratch`` (same shape, float32): one extra array instead
+    of a fresh one per operation, and each value is read and written fewer times. The operations
+    and their order are those of the equations, so the result is the same to the bit as writing
+    them with temporaries. ``AdamW8bit`` runs this on each decoded chunk of its moments."""
+    beta1, beta2 = betas
+    if weight_decay != 0:
+        w *= 1 - lr * weight_decay
+    m *= beta1
+    xp.multiply(g, 1 - beta1, out=scratch)
+    m += scratch
+    v *= beta2
+    xp.multiply(g, g, out=scratch)
+    scratch *= 1 - beta2
+    v += scratch
+    if max_v is not None:
+        xp.maximum(max_v, v, out=max_v)
+        v = max_v
+    # m_hat / (sqrt(v_hat) + eps), with the two bias corrections folded into scalars
+    xp.sqrt(v, out=scratch)
+    scratch /= math.sqrt(1 - beta2**t)
+    scratch += eps
+    xp.divide(m, scratch, out=scratch)
+    scratch *= lr / (1 - beta1**t)
+    w -= scratch

@@ -10,13 +10,13 @@ states"). Dettmers et al. (2022), "8-bit Optimizers via Block-wise Quantization"
 from __future__ import annotations
 
 import functools
-import math
 
 import numpy
 
 from minift.autograd import Tensor
+from minift.autograd.parallel import over_row_blocks
 from minift.backend import xp
-from minift.optim.adamw import AdamW
+from minift.optim.adamw import AdamW, adamw_arithmetic
 from minift.quant.nf4 import DYNAMIC_CODE, DYNAMIC_CODE_UNSIGNED, TINY_ABSMAX, nearest_code
 
 #: Values per absmax block of the moments (bitsandbytes' blockwise optimizers use 256).
@@ -24,7 +24,8 @@ BLOCKSIZE = 256
 #: Parameters with fewer values keep float32 moments (bitsandbytes' ``min_8bit_size``).
 MIN_8BIT_SIZE = 4096
 #: Values updated at once (256 blocks): the float32 moments and the other temporaries of the
-#: update exist for one chunk at a time, about ``SCRATCH_BYTES_PER_VALUE`` x 65536 = 1.5 MiB.
+#: update exist for one chunk at a time per thread, about ``SCRATCH_BYTES_PER_VALUE`` x 65536 =
+#: 1.5 MiB each.
 CHUNK_VALUES = 256 * BLOCKSIZE
 #: Temporaries of one chunk's update, at their most: m and v, the scaled values, their bucket
 #: keys, the gathered midpoints, the new codes; 20 bytes per value measured, 24 with slack.
@@ -205,32 +206,33 @@ class AdamW8bit(AdamW):
             state = self.state[p] = self._new_state(p, False)
         state["step"] += 1
         weights, grads = p.data.reshape(-1), p.grad.reshape(-1)
-        for start in range(0, p.size, CHUNK_VALUES):
-            self._update_chunk(weights, grads, state, group, start, min(start + CHUNK_VALUES, p.size))
+        arrays = (weights, grads, state["exp_avg_codes"].reshape(-1), state["exp_avg_absmax"],
+                  state["exp_avg_sq_codes"].reshape(-1), state["exp_avg_sq_absmax"])
+        per_entry = (1, 1, 1, BLOCKSIZE, 1, BLOCKSIZE)  # values per entry: one absmax per block
+        update = functools.partial(self._update_values, t=state["step"], group=group)
+        chunks = p.size // CHUNK_VALUES
+        if chunks:  # whole chunks, one per row, over the BLAS threads (each row its own values)
+            rows = [a[: chunks * CHUNK_VALUES // per].reshape(chunks, -1) for a, per in zip(arrays, per_entry)]
+            over_row_blocks(lambda *block: update(*(a.reshape(-1) for a in block)), *rows)
+        update(*(a[chunks * CHUNK_VALUES // per :] for a, per in zip(arrays, per_entry)))  # the shorter rest
         if not xp.may_share_memory(weights, p.data):  # a non-contiguous parameter: reshape copied it
             p.data[...] = weights.reshape(p.shape)
 
-    def _update_chunk(self, weights, grads, state: dict, group: dict, start: int, stop: int) -> None:
-        """AdamW's arithmetic (``AdamW._update``, op for op) on values ``start:stop``, which begin
-        a block: decode the moments, update them and the weights, encode the moments again."""
-        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        t, blocks = state["step"], slice(start // BLOCKSIZE, blocks_of(stop))
-        m_codes, v_codes = state["exp_avg_codes"].reshape(-1), state["exp_avg_sq_codes"].reshape(-1)
-        m = dequantize_blockwise(m_codes[start:stop], state["exp_avg_absmax"][blocks], DYNAMIC_CODE)
-        v = dequantize_blockwise(v_codes[start:stop], state["exp_avg_sq_absmax"][blocks], DYNAMIC_CODE_UNSIGNED)
-        g, w = grads[start:stop], weights[start:stop]
-
-        if wd != 0:
-            w *= 1 - lr * wd
-        m *= beta1
-        m += (1 - beta1) * g
-        v *= beta2
-        v += (1 - beta2) * (g * g)
-        step_size = lr / (1 - beta1**t)
-        w -= step_size * (m / (xp.sqrt(v) / math.sqrt(1 - beta2**t) + eps))  # AdamW's denom, freed at once
-
-        m_codes[start:stop], state["exp_avg_absmax"][blocks] = quantize_blockwise(m, DYNAMIC_CODE)
-        v_codes[start:stop], state["exp_avg_sq_absmax"][blocks] = encode_second_moment(v)
+    @staticmethod
+    def _update_values(weights, grads, m_codes, m_absmax, v_codes, v_absmax, *, t: int, group: dict) -> None:
+        """AdamW's arithmetic (``adamw_arithmetic``, minift/optim/adamw.py) on a run of values that
+        begins a block, ``CHUNK_VALUES`` at a time: decode the moments, update them and the
+        weights, encode the moments again. The arrays are flat slices of the parameter's and its
+        state's (absmax: one entry per block); a chunk's blocks touch nothing outside it."""
+        for start in range(0, weights.size, CHUNK_VALUES):
+            values = slice(start, start + CHUNK_VALUES)
+            blocks = slice(start // BLOCKSIZE, (start + CHUNK_VALUES) // BLOCKSIZE)
+            m = dequantize_blockwise(m_codes[values], m_absmax[blocks], DYNAMIC_CODE)
+            v = dequantize_blockwise(v_codes[values], v_absmax[blocks], DYNAMIC_CODE_UNSIGNED)
+            adamw_arithmetic(weights[values], grads[values], m, v, xp.empty_like(m), t=t, lr=group["lr"],
+                             betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"])
+            m_codes[values], m_absmax[blocks] = quantize_blockwise(m, DYNAMIC_CODE)
+            v_codes[values], v_absmax[blocks] = encode_second_moment(v)
 
     # ---- resuming --------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:

@@ -137,3 +137,33 @@ def test_state_memory_is_two_fp32_moments_per_trained_parameter(backend, amsgrad
 def test_rejects_invalid_hyperparameters(bad):
     with pytest.raises(ValueError):
         AdamW([Parameter([1.0])], **bad)
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_the_update_over_row_blocks_is_the_plain_equations_to_the_bit(monkeypatch, amsgrad):
+    """``AdamW._update`` runs ``adamw_arithmetic`` over row blocks on threads with one scratch
+    array; five float32 steps on shapes that split (forced: any size, 3 threads), do not split
+    (a scalar, one row) and split unevenly must equal the equations written with temporaries."""
+    from minift.autograd import parallel
+
+    monkeypatch.setattr(parallel, "MIN_ELEMENTS_PER_THREAD", 1)
+    monkeypatch.setattr(parallel, "blas_threads", lambda: 3)
+    blocks = []
+    plain_row_blocks = parallel.row_blocks
+    monkeypatch.setattr(parallel, "row_blocks", lambda *a: blocks.append(plain_row_blocks(*a)) or blocks[-1])
+    rng = np.random.default_rng(3)
+    hyper = {"lr": 1e-2, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.1}
+    for shape in [(7, 5), (), (1, 6), (4, 3, 2)]:
+        w = rng.normal(size=shape).astype(np.float32)
+        grads = [rng.normal(size=shape).astype(np.float32) for _ in range(5)]
+        got, _ = run_adamw(w, grads, amsgrad=amsgrad, **hyper)
+        expected, m, v, v_max = w.copy(), np.zeros_like(w), np.zeros_like(w), np.zeros_like(w)
+        for t, g in enumerate(grads, start=1):  # the equations as AdamW's docstring writes them
+            expected = expected * np.float32(1 - hyper["lr"] * hyper["weight_decay"])
+            m = np.float32(0.9) * m + np.float32(1 - 0.9) * g
+            v = np.float32(0.99) * v + np.float32(1 - 0.99) * (g * g)
+            v_max = np.maximum(v_max, v)
+            denom = np.sqrt(v_max if amsgrad else v) / np.float32(math.sqrt(1 - 0.99**t)) + np.float32(1e-8)
+            expected = expected - np.float32(hyper["lr"] / (1 - 0.9**t)) * (m / denom)
+        assert got.tobytes() == expected.astype(np.float32).tobytes(), shape
+    assert any(len(b) == 3 for b in blocks)  # (7, 5) and (4, 3, 2) were cut into three row blocks

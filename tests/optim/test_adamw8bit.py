@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 
+from minift.autograd import parallel
 from minift.backend import asarray, to_numpy
 from minift.cli import build_parser
 from minift.data import ByteTokenizer, DataLoader, TextDataset
@@ -132,11 +133,16 @@ def test_later_steps_equal_a_numpy_reference_of_decode_update_encode():
     np.testing.assert_array_equal(got, p)
 
 
-def test_updating_in_chunks_changes_no_bit(monkeypatch):
+@pytest.mark.parametrize("threads", [1, 3])
+def test_updating_in_chunks_changes_no_bit(monkeypatch, threads):
+    """Chunks of 512 values (10, the last one short), on one thread or spread over three (row
+    blocks of whole chunks, minift/autograd/parallel.py): the same bits as one chunk."""
     weights = np.random.default_rng(4).standard_normal((50, 100)).astype(np.float32)
     grads = [[g] for g in gradients((50, 100), 4)]
     (whole,), whole_opt = run(AdamW8bit, [weights], grads)
-    monkeypatch.setattr(adamw8bit_module, "CHUNK_VALUES", 512)  # 10 chunks, the last one short
+    monkeypatch.setattr(adamw8bit_module, "CHUNK_VALUES", 512)
+    monkeypatch.setattr(parallel, "MIN_ELEMENTS_PER_THREAD", 1)
+    monkeypatch.setattr(parallel, "blas_threads", lambda: threads)
     (chunked,), chunked_opt = run(AdamW8bit, [weights], grads)
     np.testing.assert_array_equal(chunked, whole)
     for key, value in next(iter(whole_opt.state.values())).items():
