@@ -1,12 +1,14 @@
 """A training step on SmolLM2-135M, minift vs PyTorch (+ PEFT, + bitsandbytes), side by side.
 
-    python benchmarks/step_vs_torch.py [--methods full lora qlora] [--steps 5] [--threads 2]
+    python benchmarks/step_vs_torch.py [--methods full full8 lora qlora] [--steps 5] [--threads 2]
                                        [--checkpointing off on] [--allocators default keep]
 
-Three methods on the same batch of 4 x 128 random token ids, float32, from the same weights
+Four methods on the same batch of 4 x 128 random token ids, float32, from the same weights
 (the GGUF file, dequantized to float32 by each side):
 
 * ``full``  — every parameter trained;
+* ``full8`` — the same, with AdamW's moments stored in 8 bits (minift's ``AdamW8bit``,
+  minift/optim/adamw8bit.py; bitsandbytes' ``AdamW8bit`` on the PyTorch side);
 * ``lora``  — LoRA r=8, alpha=16 on q, k, v, o (PEFT on the PyTorch side);
 * ``qlora`` — the same LoRA on a base whose seven linear layers per block are NF4 with double
   quantization, block 64 (bitsandbytes' ``Linear4bit`` on the CPU on the PyTorch side).
@@ -60,7 +62,8 @@ import numpy as np
 
 from minift.models import ATTENTION_PROJECTIONS, BLOCK_PROJECTIONS  # NumPy only: both sides may import it
 
-METHODS = ("full", "lora", "qlora")
+METHODS = ("full", "full8", "lora", "qlora")
+OPTIMIZER_8BIT = {"full8": "full"}  # a method that is another one with 8-bit AdamW moments
 SIDES = ("minift", "torch")
 ALLOCATORS = ("glibc default", "keep freed memory")
 ALLOCATOR_FLAGS = {"default": ALLOCATORS[0], "keep": ALLOCATORS[1]}
@@ -87,10 +90,10 @@ def step_flops(config, method: str, batch: int = BATCH, seq: int = SEQ, r: int =
     block = {"q_proj": d * d, "k_proj": d * kv, "v_proj": d * kv, "o_proj": d * d,
              "gate_proj": d * config.ffn_dim, "up_proj": d * config.ffn_dim, "down_proj": d * config.ffn_dim}
     weights = config.n_layers * sum(block.values()) + config.vocab_size * d  # + the head
-    trained = weights if method == "full" else 0
+    trained = weights if OPTIMIZER_8BIT.get(method, method) == "full" else 0
     attention = config.n_layers * config.n_heads * 2 * 2 * seq * hd * tokens  # forward
     lora = config.n_layers * sum(r * (d + (kv if name in ("k_proj", "v_proj") else d)) for name in TARGETS)
-    lora = 0 if method == "full" else lora
+    lora = 0 if trained else lora
     return tokens * (2 * weights + 2 * weights + 2 * trained + 3 * 2 * lora) + 3 * attention
 
 
@@ -122,16 +125,16 @@ def _seconds(fn) -> float:
 def minift_step(method: str, ids, targets, checkpointing: bool):
     from minift import load_pretrained
     from minift.autograd import elementwise
-    from minift.optim import AdamW, clip_grad_norm_
+    from minift.optim import AdamW, AdamW8bit, clip_grad_norm_
     from minift.training.methods import MethodOptions, prepare_model
 
     base, _ = load_pretrained("smollm2")
     options = MethodOptions(lora_r=LORA_R, lora_alpha=LORA_ALPHA, lora_targets=tuple(TARGETS))
-    model, _ = prepare_model(base, method, options)
+    model, _ = prepare_model(base, OPTIMIZER_8BIT.get(method, method), options)
     if checkpointing:
         model.gradient_checkpointing_enable()
     params = model.parameters(trainable_only=True)
-    optimizer = AdamW(params, lr=LR, weight_decay=0.0)
+    optimizer = (AdamW8bit if method in OPTIMIZER_8BIT else AdamW)(params, lr=LR, weight_decay=0.0)
     executed = [0.0]
     plain_matmul = elementwise.counted_matmul
 
@@ -180,7 +183,12 @@ def torch_step(method: str, ids, targets, checkpointing: bool):
         config = peft.LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules=TARGETS, lora_dropout=0.0)
         model = peft.get_peft_model(model, config)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+    if method in OPTIMIZER_8BIT:
+        import bitsandbytes as bnb
+
+        optimizer = bnb.optim.AdamW8bit(params, lr=LR, weight_decay=0.0)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
     ids_t, targets_t = torch.from_numpy(ids), torch.from_numpy(targets)
 
     def step():
