@@ -447,13 +447,13 @@ def cmd_memory(args) -> None:
         raise ValueError("give either --params N (a projection) or --model DIR (predict and measure)")
     if args.params is not None:
         if args.gradient_checkpointing is not None or args.compare_checkpointing:
-            raise ValueError("minift memory: --gradient-checkpointing and --compare-checkpointing measure a "
+            raise ValueError("--gradient-checkpointing and --compare-checkpointing measure a "
                              "--model; the --params projection already assumes checkpointing (drop the flag)")
         if args.base_dtype != "float32":
-            raise ValueError("minift memory: --base-dtype measures a --model; the --params projection already "
+            raise ValueError("--base-dtype measures a --model; the --params projection already "
                              "assumes bf16 weights (drop the flag)")
         if args.optim != "adamw":
-            raise ValueError("minift memory: --optim measures a --model; the --params projection assumes "
+            raise ValueError("--optim measures a --model; the --params projection assumes "
                              "AdamW with fp32 moments (drop the flag)")
         print(memory.format_projection(args.params, seq=args.seq or 2048, batch=args.batch))
         return
