@@ -89,7 +89,7 @@ def adamw_arithmetic(w, g, m, v, scratch, max_v=None, *, t: int, lr: float, beta
     """AdamW's step ``t`` (the class docstring's equations), in place on matching slices of a
     weight ``w``, its gradient ``g`` and moments ``m``, ``v`` (and, with amsgrad, ``max_v``).
 
-    Every intermediate goes through ``scratch`` (same shape, float32): one extra array instead
+    Every intermediate goes through ``scratch`` (shaped and typed like ``w``): one extra array instead
     of a fresh one per operation, and each value is read and written fewer times. The operations
     and their order are those of the equations, so the result is the same to the bit as writing
     them with temporaries. ``AdamW8bit`` runs this on each decoded chunk of its moments."""
