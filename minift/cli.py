@@ -452,10 +452,7 @@ def cmd_memory(args) -> None:
         if args.base_dtype != "float32":
             raise ValueError("--base-dtype measures a --model; the --params projection already "
                              "assumes bf16 weights (drop the flag)")
-        if args.optim != "adamw":
-            raise ValueError("--optim measures a --model; the --params projection assumes "
-                             "AdamW with fp32 moments (drop the flag)")
-        print(memory.format_projection(args.params, seq=args.seq or 2048, batch=args.batch))
+        print(memory.format_projection(args.params, seq=args.seq or 2048, batch=args.batch, optimizer=args.optim))
         return
     model, _ = _load(args.model)
     shape = (model, args.method, args.batch, args.seq or 64, MethodOptions(lora_r=args.lora_r))
@@ -765,6 +762,7 @@ minift kernels check""", cmd_kernels)
 
     p = _command(sub, "memory", "the memory ledger: bytes of weights, gradients, optimizer, activations", """
 minift memory --params 7e9
+minift memory --params 7e9 --optim adamw8bit
 minift memory --model runs/tiny --method qlora --batch 4 --seq 64
 minift memory --model smollm2 --method lora --batch 2 --seq 64 --compare-checkpointing
 minift memory --model smollm2 --method lora --batch 4 --seq 128 --compare-checkpointing --gradient-checkpointing 20

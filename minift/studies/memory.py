@@ -547,19 +547,20 @@ def llama_shape(params: float, vocab_size: int = 32000, head_dim: int = 128) -> 
 
 
 def projection(params: float, seq: int = 2048, batch: int = 1, lora_r: int = 8,
-               precision: Precision = MIXED) -> dict[str, dict[str, int]]:
+               precision: Precision = MIXED, optimizer: str = "adamw") -> dict[str, dict[str, int]]:
     """Rows for full, LoRA and QLoRA at ``params`` parameters, scaled from the ``llama_shape``
-    prediction so that per-parameter rows are exactly ``params`` x bytes."""
+    prediction so that per-parameter rows are exactly ``params`` x bytes (``optimizer``:
+    ``adamw8bit`` stores the moments in 8 bits, the fp32 master weights stay)."""
     shape = llama_shape(params)
     scale = params / sum(parameter_counts(shape).values())
     options = MethodOptions(lora_r=lora_r)
     table = {}
     for method in ("full", "lora", "qlora"):
-        rows = predict(shape, method, batch, seq, options, precision)
+        rows = predict(shape, method, batch, seq, options, precision, optimizer)
         per_parameter = set(ROWS[:3]) | ({"gradients", "optimizer state"} if method == "full" else set())
         rows = {r: round(v * scale) if r in per_parameter else v for r, v in rows.items()}
         rows["peak"] = _peak(rows, largest_temporary(shape, method, batch, seq, precision),
-                             round(scale * update_temporary(shape, method, options)),
+                             round(scale * update_temporary(shape, method, options, optimizer)),
                              recompute_bytes(shape, method, options, batch, seq, precision))
         table[method] = rows
     return table
@@ -568,15 +569,22 @@ def projection(params: float, seq: int = 2048, batch: int = 1, lora_r: int = 8,
 LECTURE_003_GB = {"full": 84, "lora": 16, "qlora": 6}
 
 
-def format_projection(params: float, seq: int = 2048, batch: int = 1, lora_r: int = 8) -> str:
-    """Lecture 003's memory table recomputed, with every assumption printed."""
+def format_projection(params: float, seq: int = 2048, batch: int = 1, lora_r: int = 8,
+                      optimizer: str = "adamw") -> str:
+    """Lecture 003's memory table recomputed, with every assumption printed; with
+    ``optimizer="adamw8bit"``, the same table with AdamW's moments in 8 bits."""
     shape = llama_shape(params)
-    table = projection(params, seq, batch, lora_r)
+    table = projection(params, seq, batch, lora_r, optimizer=optimizer)
     gb = 1e9
+    moments = ("AdamW with fp32 master weights and fp32 m, v",
+               "  (2 + 2 + 4 + 8 bytes per trained parameter; the 4 + 8 = 12 are lecture 003's 'optimizer states');")
+    if optimizer == "adamw8bit":
+        moments = ("AdamW8bit: fp32 master weights, m and v in 8 bits with an fp32 absmax per 256",
+                   "  (2 + 2 + 4 + 2.03 bytes per trained parameter; lecture 003's column assumes fp32 m, v);")
     lines = [
         f"memory for fine-tuning a {params / 1e9:g}B-parameter model (GB = 1e9 bytes)",
-        "assumptions: bf16 weights and gradients; AdamW with fp32 master weights and fp32 m, v",
-        "  (2 + 2 + 4 + 8 bytes per trained parameter; the 4 + 8 = 12 are lecture 003's 'optimizer states');",
+        f"assumptions: bf16 weights and gradients; {moments[0]}",
+        moments[1],
         f"  batch {batch} x {seq} tokens with gradient checkpointing (each block's input kept, one block",
         "  recomputed at a time); LoRA r=8 on q,k,v,o; QLoRA: block Linear weights in NF4 with",
         "  double quantization (4.127 bits), embedding and head in bf16;",
@@ -586,7 +594,8 @@ def format_projection(params: float, seq: int = 2048, batch: int = 1, lora_r: in
     ]
     for method, rows in table.items():
         weights = sum(rows[r] for r in ROWS[:3])
-        lecture = (f"{LECTURE_003_GB[method]} GB" + (" (= the optim column: 12 B/param)" if method == "full" else ""))
+        full_note = " (= the optim column: 12 B/param)" if method == "full" and optimizer == "adamw" else ""
+        lecture = f"{LECTURE_003_GB[method]} GB{full_note}"
         lines.append(f"{method:<7}{weights / gb:9.2f}{rows['gradients'] / gb:8.2f}{rows['optimizer state'] / gb:8.2f}"
                      f"{rows['activations'] / gb:8.2f}{rows['peak'] / gb:8.2f}   {lecture}")
     lines.append("total = weights + optim + max(activations + largest temporary, gradients)")

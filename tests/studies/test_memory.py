@@ -66,6 +66,24 @@ def test_lecture_003s_7b_table_from_the_same_formulas():
     assert MIXED.checkpointing
 
 
+def test_the_7b_table_with_8bit_moments_halves_the_full_optimizer_column():
+    """fp32 master weights (4 B) + two 8-bit moments with an fp32 absmax per 256 (2.03 B): the
+    84 GB of full fine-tuning's optimizer state become ~42 GB, and the step fits under 80 GB."""
+    plain, eight = projection(7e9), projection(7e9, optimizer="adamw8bit")
+    gb = 1e9
+    assert eight["full"]["optimizer state"] == pytest.approx(7e9 * (4 + 2 + 8 / 256), rel=1e-3)
+    assert eight["full"]["weights fp32"] == plain["full"]["weights fp32"]
+    assert eight["full"]["gradients"] == plain["full"]["gradients"]
+    assert 70 * gb < eight["full"]["peak"] < 80 * gb < plain["full"]["peak"]
+    assert eight["lora"]["optimizer state"] < plain["lora"]["optimizer state"]  # the adapters are 8-bit too
+
+
+def test_minift_memory_projects_8bit_moments_and_says_so(capsys):
+    assert main(["memory", "--params", "7e9", "--optim", "adamw8bit"]) == 0
+    out = capsys.readouterr().out
+    assert "AdamW8bit" in out and "2.03 bytes" in out and "42.22" in out
+
+
 def test_minift_memory_prints_the_projection_with_its_assumptions(capsys):
     assert main(["memory", "--params", "7e9"]) == 0
     out = capsys.readouterr().out
