@@ -214,12 +214,8 @@ class LlamaModel(Module):
 
     @property
     def gradient_checkpointing(self) -> bool:
-        """Whether any block is checkpointed; setting it checkpoints every block or none."""
+        """Whether any block is checkpointed (set by ``LlamaForCausalLM.gradient_checkpointing_enable``)."""
         return self.checkpointed_blocks > 0
-
-    @gradient_checkpointing.setter
-    def gradient_checkpointing(self, on: bool) -> None:
-        self.checkpointed_blocks = len(self.layers) if on else 0
 
     def forward(self, input_ids, cos, sin, cache=None, mask=None):
         x = self.embed_tokens(input_ids)  # (B, T, C)

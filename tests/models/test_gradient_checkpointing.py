@@ -172,5 +172,5 @@ def test_the_switch_reads_as_any_block_checkpointed():
     assert model.model.gradient_checkpointing and model.model.checkpointed_blocks == 1
     model.gradient_checkpointing_enable()
     assert model.model.checkpointed_blocks == SMALL["n_layers"]
-    model.model.gradient_checkpointing = False
-    assert model.model.checkpointed_blocks == 0
+    model.gradient_checkpointing_disable()
+    assert model.model.checkpointed_blocks == 0 and not model.model.gradient_checkpointing

@@ -61,7 +61,8 @@ def test_the_segment_path_gives_the_models_reference_attention_outputs_and_gradi
     model = small_model()
     want_loss, want_grads = loss_and_gradients(model, batch, reference_attention=True)
     for checkpointing in (False, True):
-        model.model.gradient_checkpointing = checkpointing
+        if checkpointing:
+            model.gradient_checkpointing_enable()
         loss, grads = loss_and_gradients(model, batch)
         assert abs(loss - want_loss) < 1e-12
         for name, grad in want_grads.items():
